@@ -38,7 +38,6 @@ Exit codes:
     name = "docker-delete",
     version,
     after_help = AFTER_HELP,
-    args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
 pub struct Cli {
@@ -280,5 +279,10 @@ mod tests {
         assert!(Cli::try_parse_from(["docker-delete", "delete-repo"]).is_err());
         assert!(Cli::try_parse_from(["docker-delete", "../etc:v1"]).is_err());
         assert!(Cli::try_parse_from(["docker-delete", "delete-repo", "a", "--all"]).is_err());
+        // Global options may come before the subcommand.
+        let c = Cli::try_parse_from(["docker-delete", "--registry-dir", "/x", "-n", "ls"]).unwrap();
+        assert!(matches!(c.command, Some(Command::Ls { repo: None, .. })));
+        let c = Cli::try_parse_from(["docker-delete", "--registry-dir", "/x", "gc", "-y"]).unwrap();
+        assert!(matches!(c.command, Some(Command::Gc)));
     }
 }

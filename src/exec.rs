@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::plan::{Action, Check, Plan, Step};
 use crate::probe;
 use crate::service::Service;
-use crate::storage::{Digest, RepoName, Storage};
+use crate::storage::{RepoName, Storage};
 
 /// How one step went.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -84,7 +84,6 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
     let mut report = Report::default();
     let mut broken_repos: BTreeSet<RepoName> = BTreeSet::new();
     let mut stopped = false;
-    let before = blob_sizes(cx.storage, plan);
 
     for step in &plan.steps {
         let interrupted = cx.interrupted.load(Ordering::SeqCst);
@@ -134,25 +133,31 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
                 }
                 None => StepResult::Failed("no registry container to stop".into()),
             },
-            Action::GarbageCollect => match service(&mut cx).map(|s| s.garbage_collect()) {
-                Some(Ok(gc)) => {
-                    gc_output = Some(gc.output.clone());
-                    if gc.success {
-                        StepResult::Done(format!("{} blob(s) deleted", gc.deleted_blob_count()))
-                    } else {
-                        StepResult::Failed(format!(
-                            "the registry's garbage-collect failed: {}",
-                            gc.output
-                                .lines()
-                                .rev()
-                                .find(|l| !l.trim().is_empty())
-                                .unwrap_or("no output")
-                        ))
+            Action::GarbageCollect => {
+                let before = cx.storage.size_below(Path::new("blobs"));
+                let r = service(&mut cx).map(|s| s.garbage_collect());
+                let after = cx.storage.size_below(Path::new("blobs"));
+                report.freed_bytes = Some(before.saturating_sub(after));
+                match r {
+                    Some(Ok(gc)) => {
+                        gc_output = Some(gc.output.clone());
+                        if gc.success {
+                            StepResult::Done(format!("{} blob(s) deleted", gc.deleted_blob_count()))
+                        } else {
+                            StepResult::Failed(format!(
+                                "the registry's garbage-collect failed: {}",
+                                gc.output
+                                    .lines()
+                                    .rev()
+                                    .find(|l| !l.trim().is_empty())
+                                    .unwrap_or("no output")
+                            ))
+                        }
                     }
+                    Some(Err(e)) => StepResult::Failed(format!("{e:#}")),
+                    None => StepResult::Failed("no registry to run garbage-collect in".into()),
                 }
-                Some(Err(e)) => StepResult::Failed(format!("{e:#}")),
-                None => StepResult::Failed("no registry to run garbage-collect in".into()),
-            },
+            }
             Action::RemoveEmptyBlobDirs => {
                 match cx.storage.remove_empty_dirs_below(Path::new("blobs")) {
                     Ok(v) => StepResult::Done(format!("{} directories", v.len())),
@@ -185,40 +190,11 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
         progress(&o);
         report.outcomes.push(o);
     }
-    report.freed_bytes = before.map(|b| {
-        b.iter()
-            .filter(|(d, _)| !cx.storage.blob_exists(d))
-            .map(|(_, s)| s)
-            .sum()
-    });
     report
 }
 
 fn service<'a>(cx: &'a mut Context<'_>) -> Option<&'a mut (dyn Service + 'static)> {
     cx.service.as_deref_mut()
-}
-
-/// Sizes of the blobs the plan may free (the removed layers and manifests), to report what went.
-fn blob_sizes(storage: &Storage, plan: &Plan) -> Option<Vec<(Digest, u64)>> {
-    if !plan
-        .steps
-        .iter()
-        .any(|s| s.action == Action::GarbageCollect)
-    {
-        return None;
-    }
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for s in &plan.steps {
-        if matches!(s.action, Action::RemoveLayerLink | Action::RemoveRevision)
-            && let Some(d) = &s.expect
-            && seen.insert(d.clone())
-            && let Some(size) = storage.blob_size(d)
-        {
-            out.push((d.clone(), size));
-        }
-    }
-    Some(out)
 }
 
 /// One tree edit, re-checked against the tree as it is now.

@@ -113,7 +113,7 @@ impl Output {
             .map(|p| format!("  [{}]", p.display()))
             .unwrap_or_default();
         if target.is_empty() {
-            format!("{verb}: {}", step.reason)
+            format!("{verb}  ({})", step.reason)
         } else {
             format!("{verb} {target}  ({}){path}", step.reason)
         }
@@ -143,7 +143,7 @@ impl Output {
         let line = self.step_line(&o.step, true);
         match &o.result {
             StepResult::Done(detail) if detail.is_empty() => self.info(line),
-            StepResult::Done(detail) => self.info(format!("{line}: {detail}")),
+            StepResult::Done(detail) => self.info(format!("{}: {detail}", o.step.action.verbs().1)),
             StepResult::AlreadyGone => self.info(format!("{line} (already gone)")),
             StepResult::Skipped(why) => {
                 self.warn(format!("skipped {}: {why}", o.step.action.verbs().0))

@@ -120,8 +120,8 @@ impl Step {
                     .map(|f| f.to_string_lossy())
                     .unwrap_or_default()
             ),
-            (Action::RemoveRevision, _, Some(d)) => format!("{repo}@{d}"),
-            (Action::RemoveLayerLink, _, Some(d)) => format!("{repo} layer {d}"),
+            (Action::RemoveRevision, _, Some(d)) => format!("{repo}@{}", d.short()),
+            (Action::RemoveLayerLink, _, Some(d)) => format!("{repo} layer {}", d.short()),
             (Action::RemoveRepository, _, _) => repo.to_string(),
             _ => String::new(),
         }

@@ -19,11 +19,12 @@ pub struct GcOutcome {
 }
 
 impl GcOutcome {
-    /// Lines of the form `blob eligible for deletion: sha256:...` or `Deleting blob: ...`.
+    /// How many blobs the collector found unreferenced (`blob eligible for deletion: ...`, one
+    /// line per blob whatever the log level).
     pub fn deleted_blob_count(&self) -> usize {
         self.output
             .lines()
-            .filter(|l| l.contains("Deleting blob:"))
+            .filter(|l| l.contains("blob eligible for deletion"))
             .count()
     }
 }
