@@ -4,14 +4,8 @@
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
 
 use common::*;
-
-/// `examples/sample-registry/` in this checkout.
-fn sample_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/sample-registry")
-}
 
 /// The pushes that make up the sample, in order: `(repository, tag, image)`.
 fn sample_pushes() -> Vec<(&'static str, &'static str, Image)> {
@@ -57,7 +51,7 @@ fn regenerate_sample() {
     }
     reg.stop();
 
-    let target = sample_dir().join("docker");
+    let target = sample_registry_dir().join("docker");
     if target.exists() {
         fs::remove_dir_all(&target).expect("remove old sample tree");
     }
@@ -78,9 +72,7 @@ fn regenerate_sample() {
 /// tag pulls back with every blob intact and at the digest the generator pushed.
 #[test]
 fn shipped_sample_is_intact() {
-    let copy = TestDir::new();
-    copy_tree_without_empty_dirs(&sample_dir().join("docker"), &copy.join("docker"));
-    let reg = Registry::start_on(copy.path());
+    let reg = Registry::start_on_copy(&sample_registry_dir());
     let v2 = reg.v2();
 
     assert_eq!(

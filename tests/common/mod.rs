@@ -100,6 +100,12 @@ pub fn digest_hex(digest: &str) -> &str {
         .unwrap_or_else(|| panic!("not a sha256 digest: {digest:?}"))
 }
 
+/// `examples/sample-registry/`, the shipped sample tree (see its README); serve a copy of it with
+/// [`Registry::start_on_copy`], never the original.
+pub fn sample_registry_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/sample-registry")
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -164,6 +170,15 @@ impl Registry {
         );
         let root = root.canonicalize().expect("canonicalize registry root");
         Self::launch(TestDir::new(), root)
+    }
+
+    /// Starts a registry on a private copy of `tree` (a directory holding `docker/registry/v2`),
+    /// copied without empty directories as a git checkout has it; the copy is removed on drop.
+    pub fn start_on_copy(tree: &Path) -> Self {
+        let dir = TestDir::new();
+        let root = dir.join("root");
+        copy_tree_without_empty_dirs(tree, &root);
+        Self::launch(dir, root)
     }
 
     fn launch(dir: TestDir, root: PathBuf) -> Self {
@@ -383,9 +398,10 @@ pub fn config_yaml(port: u16, root: &Path) -> String {
     format!(
         "version: 0.1\n\
          log:\n  level: warn\n  accesslog:\n    disabled: true\n\
-         storage:\n  filesystem:\n    rootdirectory: {root}\n  cache:\n    blobdescriptor: inmemory\n\
+         storage:\n  filesystem:\n    rootdirectory: '{root}'\n  cache:\n    blobdescriptor: inmemory\n\
          http:\n  addr: 127.0.0.1:{port}\n  secret: docker-delete-tests\n",
-        root = root.display()
+        // Single-quoted YAML: only `'` needs escaping (doubled).
+        root = root.display().to_string().replace('\'', "''")
     )
 }
 
