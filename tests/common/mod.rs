@@ -272,9 +272,8 @@ impl Registry {
         loop {
             match self.spawn_and_wait() {
                 Ok(()) => return,
-                Err(e) if Instant::now() < deadline => {
+                Err(_) if Instant::now() < deadline => {
                     self.stop();
-                    let _ = e;
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 Err(e) => panic!("registry did not restart on port {}: {e}", self.port),
@@ -877,6 +876,7 @@ fn accept_all() -> String {
 }
 
 /// `HEAD /v2/<repo>/manifests/<reference>` (accepting every manifest type); the status code.
+/// Panics when the registry cannot be reached at all.
 pub fn status_manifest(url: &str, repo: &str, reference: &str) -> u16 {
     let head = format!("{url}/v2/{repo}/manifests/{reference}");
     agent()
@@ -888,7 +888,7 @@ pub fn status_manifest(url: &str, repo: &str, reference: &str) -> u16 {
         .as_u16()
 }
 
-/// `HEAD /v2/<repo>/blobs/<digest>`; the status code.
+/// `HEAD /v2/<repo>/blobs/<digest>`; the status code. Panics when the registry cannot be reached.
 pub fn status_blob(url: &str, repo: &str, digest: &str) -> u16 {
     let head = format!("{url}/v2/{repo}/blobs/{digest}");
     agent()
