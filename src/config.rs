@@ -275,8 +275,11 @@ pub fn resolve(g: &Global, purpose: Purpose) -> Result<Config> {
         verify: true,
     };
 
-    if purpose == Purpose::Modify && !g.dry_run {
-        if let Registry::Local(l) = &registry {
+    if purpose == Purpose::Modify
+        && !g.dry_run
+        && let Registry::Local(l) = &registry
+    {
+        {
             if finish.gc && l.registry_bin.is_none() {
                 bail!(
                     "no registry binary for garbage-collect: neither `registry` nor `docker-registry` is on PATH; install Debian's docker-registry, give --registry-bin, or skip collection with --no-gc"

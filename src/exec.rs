@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::plan::{Action, Check, Plan, Step};
 use crate::probe;
 use crate::service::Service;
-use crate::storage::{RepoName, Storage};
+use crate::storage::{RepoName, Storage, layout};
 
 /// How one step went.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -105,11 +105,8 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
                     ))
                 } else {
                     let r = tree_step(cx.storage, step);
-                    match &r {
-                        StepResult::Failed(_) => {
-                            broken_repos.insert(repo);
-                        }
-                        _ => {}
+                    if let StepResult::Failed(_) = &r {
+                        broken_repos.insert(repo);
                     }
                     r
                 }
@@ -232,7 +229,22 @@ fn tree_step(storage: &Storage, step: &Step) -> StepResult {
         }
     }
     match storage.remove_dir(path) {
-        Ok(crate::storage::Removed::Done) => StepResult::Done(String::new()),
+        Ok(crate::storage::Removed::Done) => {
+            // Leave no empty `revisions/sha256` or `_layers/sha256` behind; `tags/` stays, as the
+            // registry answers NAME_UNKNOWN for a repository without it.
+            let repo = step.repo.as_ref().map(layout::repo).unwrap_or_default();
+            let stop = match step.action {
+                Action::RemoveRevision => Some(repo.join("_manifests")),
+                Action::RemoveLayerLink => Some(repo),
+                _ => None,
+            };
+            if let (Some(stop), Some(parent)) = (stop, path.parent())
+                && let Err(e) = storage.remove_empty_upwards(parent, &stop)
+            {
+                return StepResult::Done(format!("(could not remove an emptied parent: {e:#})"));
+            }
+            StepResult::Done(String::new())
+        }
         Ok(crate::storage::Removed::AlreadyGone) => StepResult::AlreadyGone,
         Err(e) => StepResult::Failed(format!("{e:#}")),
     }
