@@ -22,8 +22,8 @@ pub const DEFAULT_CONTAINER_ROOT: &str = "/var/lib/registry";
 impl RegistryConfig {
     /// Parses the YAML text of a registry config; `source` names it in errors.
     pub fn parse(text: &str, source: &str) -> Result<Self> {
-        let doc: serde_yaml::Value = serde_yaml::from_str(text)
-            .with_context(|| format!("{source} is not valid YAML"))?;
+        let doc: serde_yaml::Value =
+            serde_yaml::from_str(text).with_context(|| format!("{source} is not valid YAML"))?;
         let get = |path: &[&str]| -> Option<&serde_yaml::Value> {
             let mut v = &doc;
             for key in path {

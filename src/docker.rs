@@ -142,7 +142,13 @@ pub struct Candidate {
 
 impl std::fmt::Display for Candidate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (id {}, image {})", self.name, short_id(&self.id), self.image)
+        write!(
+            f,
+            "{} (id {}, image {})",
+            self.name,
+            short_id(&self.id),
+            self.image
+        )
     }
 }
 
@@ -210,7 +216,9 @@ impl ContainerService {
 
     /// Whether the container is running right now.
     pub fn is_running(&self) -> Result<bool> {
-        let info = self.engine.inspect_named(&self.container.id, &self.container.name)?;
+        let info = self
+            .engine
+            .inspect_named(&self.container.id, &self.container.name)?;
         Ok(is_running(&info))
     }
 
@@ -231,38 +239,41 @@ impl ContainerService {
             "garbage-collect".to_string(),
             self.container.config_path.clone(),
         ];
-        let (output, code) = self.engine.rt.block_on(async {
-            let exec = docker
-                .create_exec(
-                    &self.container.id,
-                    CreateExecOptions {
-                        attach_stdout: Some(true),
-                        attach_stderr: Some(true),
-                        cmd: Some(cmd),
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            let mut text = String::new();
-            if let StartExecResults::Attached { mut output, .. } =
-                docker.start_exec(&exec.id, None).await?
-            {
-                while let Some(chunk) = output.next().await {
-                    text.push_str(&chunk?.to_string());
+        let (output, code) = self
+            .engine
+            .rt
+            .block_on(async {
+                let exec = docker
+                    .create_exec(
+                        &self.container.id,
+                        CreateExecOptions {
+                            attach_stdout: Some(true),
+                            attach_stderr: Some(true),
+                            cmd: Some(cmd),
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                let mut text = String::new();
+                if let StartExecResults::Attached { mut output, .. } =
+                    docker.start_exec(&exec.id, None).await?
+                {
+                    while let Some(chunk) = output.next().await {
+                        text.push_str(&chunk?.to_string());
+                    }
                 }
-            }
-            let inspected = docker.inspect_exec(&exec.id).await?;
-            Ok::<_, bollard::errors::Error>((text, inspected.exit_code))
-        })
-        .map_err(|e| {
-            anyhow!(DockerError::Api {
-                action: format!(
-                    "running `registry garbage-collect` in container {}",
-                    self.container.name
-                ),
-                message: error_message(&e),
+                let inspected = docker.inspect_exec(&exec.id).await?;
+                Ok::<_, bollard::errors::Error>((text, inspected.exit_code))
             })
-        })?;
+            .map_err(|e| {
+                anyhow!(DockerError::Api {
+                    action: format!(
+                        "running `registry garbage-collect` in container {}",
+                        self.container.name
+                    ),
+                    message: error_message(&e),
+                })
+            })?;
         Ok(GcOutcome {
             success: code == Some(0),
             output: with_exit_note(output, code),
@@ -348,15 +359,17 @@ impl ContainerService {
             }
             Ok((text, code))
         });
-        let removed = self.engine.rt.block_on(docker.remove_container(
-            &created.id,
-            Some(
-                RemoveContainerOptionsBuilder::default()
-                    .force(true)
-                    .v(false)
-                    .build(),
+        let removed = self.engine.rt.block_on(
+            docker.remove_container(
+                &created.id,
+                Some(
+                    RemoveContainerOptionsBuilder::default()
+                        .force(true)
+                        .v(false)
+                        .build(),
+                ),
             ),
-        ));
+        );
         let (output, code) = self.api("running a garbage-collect helper for", result)?;
         self.api("removing the garbage-collect helper of", removed)
             .with_context(|| format!("remove it with `docker rm -f {name}`"))?;
@@ -371,13 +384,17 @@ impl ContainerService {
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + self.ready_timeout;
         // A restart may move an ephemeral published port: read the endpoint again.
-        let info = self.engine.inspect_named(&self.container.id, &self.container.name)?;
+        let info = self
+            .engine
+            .inspect_named(&self.container.id, &self.container.name)?;
         if let Some(ep) = self.engine.endpoint_of(&info, &self.container) {
             self.container.endpoint = Some(ep);
         }
         let mut last: String;
         loop {
-            let info = self.engine.inspect_named(&self.container.id, &self.container.name)?;
+            let info = self
+                .engine
+                .inspect_named(&self.container.id, &self.container.name)?;
             let state = info.state.clone().unwrap_or_default();
             match state.status {
                 Some(ContainerStateStatusEnum::EXITED) | Some(ContainerStateStatusEnum::DEAD) => {
@@ -405,7 +422,9 @@ impl ContainerService {
                         Err(e) => last = format!("GET {ep}/v2/: {e}"),
                     },
                     None if healthy => return Ok(()),
-                    None => last = format!("health is {}", health.unwrap_or(HealthStatusEnum::EMPTY)),
+                    None => {
+                        last = format!("health is {}", health.unwrap_or(HealthStatusEnum::EMPTY))
+                    }
                 }
             } else {
                 last = format!(
@@ -436,7 +455,9 @@ impl Service for ContainerService {
     }
 
     fn garbage_collect(&mut self) -> Result<GcOutcome> {
-        let info = self.engine.inspect_named(&self.container.id, &self.container.name)?;
+        let info = self
+            .engine
+            .inspect_named(&self.container.id, &self.container.name)?;
         if is_running(&info) {
             self.gc_exec(&info)
         } else {
@@ -449,23 +470,31 @@ impl Service for ContainerService {
     }
 
     fn restart(&mut self) -> Result<()> {
-        let r = self.engine.rt.block_on(self.engine.docker.restart_container(
-            &self.container.id,
-            Some(
-                RestartContainerOptionsBuilder::default()
-                    .t(STOP_GRACE_SECS)
-                    .build(),
+        let r = self.engine.rt.block_on(
+            self.engine.docker.restart_container(
+                &self.container.id,
+                Some(
+                    RestartContainerOptionsBuilder::default()
+                        .t(STOP_GRACE_SECS)
+                        .build(),
+                ),
             ),
-        ));
+        );
         self.api("restarting", r)?;
         self.wait_ready()
     }
 
     fn stop(&mut self) -> Result<()> {
-        let r = self.engine.rt.block_on(self.engine.docker.stop_container(
-            &self.container.id,
-            Some(StopContainerOptionsBuilder::default().t(STOP_GRACE_SECS).build()),
-        ));
+        let r = self.engine.rt.block_on(
+            self.engine.docker.stop_container(
+                &self.container.id,
+                Some(
+                    StopContainerOptionsBuilder::default()
+                        .t(STOP_GRACE_SECS)
+                        .build(),
+                ),
+            ),
+        );
         self.api("stopping", r)
     }
 
@@ -501,7 +530,11 @@ struct Engine {
 
 impl Engine {
     fn connect() -> Result<Self, DockerError> {
-        let host = docker_host();
+        Self::connect_to(&docker_host())
+    }
+
+    /// Connects to `host` (`unix:///path`, `tcp://...`) and checks that the daemon answers.
+    fn connect_to(host: &str) -> Result<Self, DockerError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -509,13 +542,13 @@ impl Engine {
                 action: "starting the Docker client".to_string(),
                 message: e.to_string(),
             })?;
-        let docker =
-            Docker::connect_with_defaults().map_err(|e| connect_error(&host, &e))?;
-        // bollard speaks API 1.53 by default; older daemons (20.10 speaks 1.41) refuse newer
-        // versions, so settle on the daemon's own version first.
+        let docker = Docker::connect_with_host(host).map_err(|e| connect_error(host, &e))?;
+        // Connecting does not touch the socket; asking for the version does, so an absent or
+        // forbidden daemon is reported here, before any real work. (bollard 0.21 builds its
+        // URLs without the `/v1.xx` prefix, so the daemon answers in its own API version.)
         let docker = rt
             .block_on(docker.negotiate_version())
-            .map_err(|e| connect_error(&host, &e))?;
+            .map_err(|e| connect_error(host, &e))?;
         Ok(Self { rt, docker })
     }
 
@@ -589,16 +622,17 @@ impl Engine {
     fn discover(&self) -> Result<String, DockerError> {
         let list = self
             .rt
-            .block_on(
-                self.docker
-                    .list_containers(Some(ListContainersOptionsBuilder::default().all(false).build())),
-            )
+            .block_on(self.docker.list_containers(Some(
+                ListContainersOptionsBuilder::default().all(false).build(),
+            )))
             .map_err(|e| DockerError::Api {
                 action: "listing running containers".to_string(),
                 message: error_message(&e),
             })?;
         let candidates: Vec<Candidate> = list
             .into_iter()
+            // Our own one-shot garbage-collect helper runs the registry image too.
+            .filter(|c| !c.labels.as_ref().is_some_and(|l| l.contains_key(GC_LABEL)))
             .filter(|c| {
                 let image = c.image.as_deref().unwrap_or("");
                 let command: Vec<String> = c
@@ -629,7 +663,10 @@ impl Engine {
     }
 
     /// Reads the config out of the container and works out roots and the endpoint.
-    fn read_setup(&self, info: &ContainerInspectResponse) -> Result<RegistryContainer, DockerError> {
+    fn read_setup(
+        &self,
+        info: &ContainerInspectResponse,
+    ) -> Result<RegistryContainer, DockerError> {
         let name = container_name(info);
         let id = info.id.clone().unwrap_or_default();
         let env = info
@@ -639,8 +676,8 @@ impl Engine {
             .unwrap_or_default();
         let args = process_args(info);
 
-        let explicit = config_path_from_args(&args)
-            .or_else(|| env_value(&env, "REGISTRY_CONFIGURATION_PATH"));
+        let explicit =
+            config_path_from_args(&args).or_else(|| env_value(&env, "REGISTRY_CONFIGURATION_PATH"));
         let candidates = match &explicit {
             Some(p) => vec![p.clone()],
             None => vec![
@@ -667,13 +704,13 @@ impl Engine {
             }
         }
         let parsed = match &config_yaml {
-            Some(text) => RegistryConfig::parse(text, &config_path).map_err(|e| {
-                DockerError::BadConfig {
+            Some(text) => {
+                RegistryConfig::parse(text, &config_path).map_err(|e| DockerError::BadConfig {
                     name: name.clone(),
                     path: config_path.clone(),
                     message: format!("{e:#}"),
-                }
-            })?,
+                })?
+            }
             None => RegistryConfig::default(),
         };
         let root_in_container = env_value(&env, "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY")
@@ -705,22 +742,27 @@ impl Engine {
             return Ok(None);
         };
         let mut source = mount.source.clone().filter(|s| !s.is_empty());
-        if source.is_none() && mount.typ.as_deref() == Some("volume") {
-            if let Some(volume) = &mount.name {
-                let v = self
-                    .rt
-                    .block_on(self.docker.inspect_volume(volume))
-                    .map_err(|e| DockerError::Api {
-                        action: format!("inspecting volume {volume}"),
-                        message: error_message(&e),
-                    })?;
-                source = Some(v.mountpoint).filter(|s| !s.is_empty());
-            }
+        if source.is_none()
+            && mount.typ.as_deref() == Some("volume")
+            && let Some(volume) = &mount.name
+        {
+            let v = self
+                .rt
+                .block_on(self.docker.inspect_volume(volume))
+                .map_err(|e| DockerError::Api {
+                    action: format!("inspecting volume {volume}"),
+                    message: error_message(&e),
+                })?;
+            source = Some(v.mountpoint).filter(|s| !s.is_empty());
         }
         Ok(source.map(|s| Path::new(&s).join(rest)))
     }
 
-    fn endpoint_of(&self, info: &ContainerInspectResponse, c: &RegistryContainer) -> Option<String> {
+    fn endpoint_of(
+        &self,
+        info: &ContainerInspectResponse,
+        c: &RegistryContainer,
+    ) -> Option<String> {
         let env = info
             .config
             .as_ref()
@@ -974,8 +1016,9 @@ pub fn command_runs_registry(args: &[String]) -> bool {
 pub fn config_path_from_args(args: &[String]) -> Option<String> {
     args.iter()
         .flat_map(|a| a.split_whitespace())
+        .map(|a| a.trim_matches(['"', '\'']))
         .rfind(|a| a.ends_with(".yml") || a.ends_with(".yaml"))
-        .map(|a| a.trim_matches(['"', '\'']).to_string())
+        .map(str::to_string)
 }
 
 /// The value of `KEY` in a container's `KEY=value` environment list (the last one wins).
@@ -1142,9 +1185,17 @@ mod tests {
             "serve",
             "/etc/docker/registry/config.yml"
         ])));
-        assert!(command_runs_registry(&s(&["sh", "-c", "exec registry serve /x.yml"])));
+        assert!(command_runs_registry(&s(&[
+            "sh",
+            "-c",
+            "exec registry serve /x.yml"
+        ])));
         assert!(!command_runs_registry(&s(&["sleep", "3600"])));
-        assert!(!command_runs_registry(&s(&["registry", "garbage-collect", "/x.yml"])));
+        assert!(!command_runs_registry(&s(&[
+            "registry",
+            "garbage-collect",
+            "/x.yml"
+        ])));
         assert!(!command_runs_registry(&s(&["serve", "registry"])));
         assert!(!command_runs_registry(&[]));
     }
@@ -1171,8 +1222,16 @@ mod tests {
 
     #[test]
     fn env_lookup_last_wins() {
-        let env = s(&["A=1", "REGISTRY_HTTP_ADDR=:6000", "B=x=y", "REGISTRY_HTTP_ADDR=0.0.0.0:7000"]);
-        assert_eq!(env_value(&env, "REGISTRY_HTTP_ADDR").as_deref(), Some("0.0.0.0:7000"));
+        let env = s(&[
+            "A=1",
+            "REGISTRY_HTTP_ADDR=:6000",
+            "B=x=y",
+            "REGISTRY_HTTP_ADDR=0.0.0.0:7000",
+        ]);
+        assert_eq!(
+            env_value(&env, "REGISTRY_HTTP_ADDR").as_deref(),
+            Some("0.0.0.0:7000")
+        );
         assert_eq!(env_value(&env, "B").as_deref(), Some("x=y"));
         assert_eq!(env_value(&env, "C"), None);
     }
@@ -1298,9 +1357,40 @@ mod tests {
             "/config/c.yml"
         );
         assert_eq!(
-            resolve_link("/etc/docker/registry/config.yml", "../../distribution/config.yml"),
+            resolve_link(
+                "/etc/docker/registry/config.yml",
+                "../../distribution/config.yml"
+            ),
             "/etc/docker/registry/../../distribution/config.yml"
         );
+    }
+
+    #[test]
+    fn absent_daemon_is_unreachable() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = format!("unix://{}/docker.sock", dir.path().display());
+        match Engine::connect_to(&host) {
+            Err(e @ DockerError::Unreachable { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains(&host) && msg.contains("start Docker"), "{msg}");
+            }
+            Err(e) => panic!("expected Unreachable, got {e}"),
+            Ok(_) => panic!("connected to {host}"),
+        }
+        assert!(matches!(
+            Engine::connect_to("bogus://x"),
+            Err(DockerError::Unreachable { .. })
+        ));
+    }
+
+    #[test]
+    fn permission_denied_is_recognised() {
+        let e = bollard::errors::Error::IOError {
+            err: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        let msg = connect_error("unix:///var/run/docker.sock", &e).to_string();
+        assert!(msg.contains("run docker-delete as root"), "{msg}");
+        assert!(msg.contains("`docker` group"), "{msg}");
     }
 
     #[test]
@@ -1320,7 +1410,10 @@ mod tests {
             ],
         };
         let msg = e.to_string();
-        assert!(msg.contains("reg-a (id 0123456789ab, image registry:2)"), "{msg}");
+        assert!(
+            msg.contains("reg-a (id 0123456789ab, image registry:2)"),
+            "{msg}"
+        );
         assert!(msg.contains("reg-b"), "{msg}");
         assert!(msg.contains("--container NAME"), "{msg}");
         assert!(msg.contains("DOCKER_REGISTRY_CONTAINER_ID"), "{msg}");

@@ -113,7 +113,9 @@ impl Service for LocalService {
     }
 
     fn stop(&mut self) -> Result<()> {
-        bail!("--offline needs a registry container (a local registry cannot be stopped by docker-delete)")
+        bail!(
+            "--offline needs a registry container (a local registry cannot be stopped by docker-delete)"
+        )
     }
 
     fn start(&mut self) -> Result<()> {

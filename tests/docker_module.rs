@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use common::container::{
     REGISTRY2_CONFIG, REGISTRY3_CONFIG, RegistryContainer, RunOptions, Storage,
-    build_busybox_image, build_registry_image, docker, docker_available, docker_ok,
-    exclusive_lock, http_status, shared_lock, unique_name, write_orphan_blob,
+    build_busybox_image, build_registry_image, docker, docker_available, docker_ok, exclusive_lock,
+    http_status, shared_lock, unique_name, write_orphan_blob,
 };
 use docker_delete::docker::{ContainerService, DockerError, find_registry};
 use docker_delete::service::Service;
@@ -33,13 +33,23 @@ fn discovers_the_one_running_registry() {
             assert_eq!(found.id, reg.id);
             assert_eq!(found.config_path, REGISTRY2_CONFIG);
             assert_eq!(found.root_in_container, "/var/lib/registry");
-            assert_eq!(found.host_root, Some(reg.host_dir.as_ref().unwrap().path().to_path_buf()));
+            assert_eq!(
+                found.host_root,
+                Some(reg.host_dir.as_ref().unwrap().path().to_path_buf())
+            );
             assert_eq!(found.endpoint, reg.endpoint());
-            assert!(found.config_yaml.unwrap().contains("blobdescriptor: inmemory"));
+            assert!(
+                found
+                    .config_yaml
+                    .unwrap()
+                    .contains("blobdescriptor: inmemory")
+            );
         }
         // A registry of someone else's on this machine: nothing to assert about "the one".
         Err(DockerError::Ambiguous { candidates })
-            if candidates.iter().any(|c| !c.name.starts_with("docker-delete-test")) =>
+            if candidates
+                .iter()
+                .any(|c| !c.name.starts_with("docker-delete-test")) =>
         {
             eprintln!("skipping: other registry containers run here: {candidates:?}");
         }
@@ -59,7 +69,11 @@ fn two_registries_are_ambiguous() {
     match &err {
         DockerError::Ambiguous { candidates } => {
             for reg in [&a, &b] {
-                assert!(candidates.iter().any(|c| c.name == reg.name && c.id == reg.id));
+                assert!(
+                    candidates
+                        .iter()
+                        .any(|c| c.name == reg.name && c.id == reg.id)
+                );
             }
         }
         e => panic!("expected Ambiguous, got {e}"),
@@ -115,21 +129,27 @@ fn non_registry_container_is_refused() {
     let busybox = build_busybox_image();
     let registry = build_registry_image(REGISTRY2_CONFIG);
     let _lock = shared_lock();
-    let sleeper = RegistryContainer::run(&busybox, RunOptions {
-        publish: false,
-        seed: false,
-        wait: false,
-        ..RunOptions::new(Storage::Inside)
-    });
+    let sleeper = RegistryContainer::run(
+        &busybox,
+        RunOptions {
+            publish: false,
+            seed: false,
+            wait: false,
+            ..RunOptions::new(Storage::Inside)
+        },
+    );
     // The registry image running something else is not a registry either.
-    let impostor = RegistryContainer::run(&registry, RunOptions {
-        publish: false,
-        seed: false,
-        wait: false,
-        entrypoint: Some("sleep".into()),
-        cmd: vec!["3600".into()],
-        ..RunOptions::new(Storage::Inside)
-    });
+    let impostor = RegistryContainer::run(
+        &registry,
+        RunOptions {
+            publish: false,
+            seed: false,
+            wait: false,
+            entrypoint: Some("sleep".into()),
+            cmd: vec!["3600".into()],
+            ..RunOptions::new(Storage::Inside)
+        },
+    );
     for (c, image) in [(&sleeper, busybox.tag()), (&impostor, registry.tag())] {
         match find_registry(Some(&c.name)) {
             Err(e @ DockerError::NotARegistry { .. }) => {
@@ -159,10 +179,13 @@ fn data_inside_container_has_no_host_root_and_unpublished_has_no_endpoint() {
     require_docker!();
     let image = build_registry_image(REGISTRY2_CONFIG);
     let _lock = shared_lock();
-    let reg = RegistryContainer::run(&image, RunOptions {
-        publish: false,
-        ..RunOptions::new(Storage::Inside)
-    });
+    let reg = RegistryContainer::run(
+        &image,
+        RunOptions {
+            publish: false,
+            ..RunOptions::new(Storage::Inside)
+        },
+    );
     let found = find_registry(Some(&reg.name)).unwrap();
     assert_eq!(found.host_root, None);
     assert_eq!(found.endpoint, None);
@@ -175,17 +198,20 @@ fn registry3_layout_env_root_and_parent_mount() {
     let _lock = shared_lock();
     // The command names no config file, so the module must find registry 3's default path;
     // the root comes from the environment and lives below the mount point.
-    let reg = RegistryContainer::run(&image, RunOptions {
-        mount_at: "/data".into(),
-        env: vec![
-            "CFG=/etc/distribution/config.yml".into(),
-            "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY=/data/store/registry".into(),
-        ],
-        entrypoint: Some("sh".into()),
-        cmd: vec!["-c".into(), "exec registry serve \"$CFG\"".into()],
-        storage_root: "/data/store/registry".into(),
-        ..RunOptions::new(Storage::BindMount)
-    });
+    let reg = RegistryContainer::run(
+        &image,
+        RunOptions {
+            mount_at: "/data".into(),
+            env: vec![
+                "CFG=/etc/distribution/config.yml".into(),
+                "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY=/data/store/registry".into(),
+            ],
+            entrypoint: Some("sh".into()),
+            cmd: vec!["-c".into(), "exec registry serve \"$CFG\"".into()],
+            storage_root: "/data/store/registry".into(),
+            ..RunOptions::new(Storage::BindMount)
+        },
+    );
     let found = find_registry(Some(&reg.name)).unwrap();
     assert_eq!(found.config_path, REGISTRY3_CONFIG);
     assert!(found.config_yaml.is_some());
@@ -207,17 +233,36 @@ fn garbage_collect_in_running_container() {
     let mut svc = ContainerService::new(found, false).unwrap();
     let t = Instant::now();
     let outcome = svc.garbage_collect().unwrap();
-    eprintln!("garbage-collect (exec) took {:?}:\n{}", t.elapsed(), outcome.output);
+    eprintln!(
+        "garbage-collect (exec) took {:?}:\n{}",
+        t.elapsed(),
+        outcome.output
+    );
     assert!(outcome.success, "{}", outcome.output);
-    assert!(outcome.output.contains("blobs marked"), "{}", outcome.output);
+    assert!(
+        outcome.output.contains("blobs marked"),
+        "{}",
+        outcome.output
+    );
     assert!(outcome.output.contains(&hex), "{}", outcome.output);
     assert!(!blob_dir.exists());
 
     // A collector failure is reported, not turned into an error.
-    std::fs::remove_dir_all(reg.host_dir.as_ref().unwrap().path().join("docker/registry/v2/repositories")).unwrap();
+    std::fs::remove_dir_all(
+        reg.host_dir
+            .as_ref()
+            .unwrap()
+            .path()
+            .join("docker/registry/v2/repositories"),
+    )
+    .unwrap();
     let outcome = svc.garbage_collect().unwrap();
     assert!(!outcome.success);
-    assert!(outcome.output.contains("exited with status 1"), "{}", outcome.output);
+    assert!(
+        outcome.output.contains("exited with status 1"),
+        "{}",
+        outcome.output
+    );
 }
 
 #[test]
@@ -231,7 +276,10 @@ fn restart_waits_until_registry_answers() {
     let t = Instant::now();
     svc.restart().unwrap();
     eprintln!("restart took {:?}", t.elapsed());
-    assert_eq!(http_status(&format!("{}/v2/", reg.endpoint().unwrap())), Some(200));
+    assert_eq!(
+        http_status(&format!("{}/v2/", reg.endpoint().unwrap())),
+        Some(200)
+    );
     assert_ne!(reg.inspect("{{.State.StartedAt}}"), before);
     assert_eq!(svc.start_hint(), format!("docker start {}", reg.name));
 }
@@ -250,13 +298,20 @@ fn offline_gc_uses_a_one_shot_container() {
     svc.stop().unwrap();
     assert!(!svc.is_running().unwrap());
     let outcome = svc.garbage_collect().unwrap();
-    eprintln!("garbage-collect (one-shot) took {:?}:\n{}", t.elapsed(), outcome.output);
+    eprintln!(
+        "garbage-collect (one-shot) took {:?}:\n{}",
+        t.elapsed(),
+        outcome.output
+    );
     assert!(outcome.success, "{}", outcome.output);
     assert!(outcome.output.contains(&hex), "{}", outcome.output);
     assert!(!blob_dir.exists());
     svc.start().unwrap();
     eprintln!("stop + gc + start took {:?}", t.elapsed());
-    assert_eq!(http_status(&format!("{}/v2/", reg.endpoint().unwrap())), Some(200));
+    assert_eq!(
+        http_status(&format!("{}/v2/", reg.endpoint().unwrap())),
+        Some(200)
+    );
 
     let left = docker_ok(&[
         "ps",
@@ -275,15 +330,22 @@ fn offline_gc_failure_still_removes_the_helper() {
     let image = build_registry_image(REGISTRY2_CONFIG);
     let _lock = shared_lock();
     // Not seeded: the collector fails on a storage tree without `repositories`.
-    let reg = RegistryContainer::run(&image, RunOptions {
-        seed: false,
-        ..RunOptions::new(Storage::BindMount)
-    });
+    let reg = RegistryContainer::run(
+        &image,
+        RunOptions {
+            seed: false,
+            ..RunOptions::new(Storage::BindMount)
+        },
+    );
     let mut svc = ContainerService::new(find_registry(Some(&reg.name)).unwrap(), false).unwrap();
     svc.stop().unwrap();
     let outcome = svc.garbage_collect().unwrap();
     assert!(!outcome.success, "{}", outcome.output);
-    assert!(outcome.output.contains("Path not found"), "{}", outcome.output);
+    assert!(
+        outcome.output.contains("Path not found"),
+        "{}",
+        outcome.output
+    );
     let out = docker(&[
         "ps",
         "-a",

@@ -135,7 +135,11 @@ fn build_image(key: &str, repo: &str, files: &[(String, FileSource)], dockerfile
         }
     }
     std::fs::write(ctx.path().join("Dockerfile"), dockerfile).unwrap();
-    std::fs::write(ctx.path().join(".dockerignore"), "Dockerfile\n.dockerignore\n").unwrap();
+    std::fs::write(
+        ctx.path().join(".dockerignore"),
+        "Dockerfile\n.dockerignore\n",
+    )
+    .unwrap();
     let tag = format!(
         "{repo}:{}-{}",
         std::process::id(),
@@ -345,7 +349,8 @@ impl RegistryContainer {
         let mut last_err = String::new();
         for _attempt in 0..5 {
             let port = opts.publish.then(free_port);
-            let mut args: Vec<String> = vec!["run".into(), "-d".into(), "--name".into(), name.clone()];
+            let mut args: Vec<String> =
+                vec!["run".into(), "-d".into(), "--name".into(), name.clone()];
             if let Some(p) = port {
                 args.extend(["-p".into(), format!("127.0.0.1:{p}:5000")]);
             }
@@ -385,7 +390,8 @@ impl RegistryContainer {
             }
             last_err = String::from_utf8_lossy(&out.stderr).into_owned();
             let _ = docker(&["rm", "-f", &name]);
-            if !last_err.contains("already allocated") && !last_err.contains("address already in use")
+            if !last_err.contains("already allocated")
+                && !last_err.contains("address already in use")
             {
                 break;
             }
@@ -480,7 +486,12 @@ pub fn write_orphan_blob(root: &Path, content: &[u8]) -> (String, PathBuf) {
     use std::fmt::Write as _;
     // Any 64-hex name works for the collector; derive it from the content to stay unique.
     let mut hex = String::new();
-    for (i, b) in content.iter().chain(std::iter::repeat(&0u8)).take(32).enumerate() {
+    for (i, b) in content
+        .iter()
+        .chain(std::iter::repeat(&0u8))
+        .take(32)
+        .enumerate()
+    {
         let _ = write!(hex, "{:02x}", b.wrapping_add(i as u8));
     }
     let dir = root
