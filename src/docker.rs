@@ -1393,6 +1393,23 @@ mod tests {
         assert!(msg.contains("`docker` group"), "{msg}");
     }
 
+    /// Meaningful when run as a user outside the `docker` group (root may always connect).
+    #[test]
+    fn forbidden_socket_is_permission_denied() {
+        let socket = "/var/run/docker.sock";
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+            _ => return,
+        }
+        match Engine::connect_to(&format!("unix://{socket}")) {
+            Err(e @ DockerError::PermissionDenied { .. }) => {
+                assert!(e.to_string().contains(socket), "{e}")
+            }
+            Err(e) => panic!("expected PermissionDenied, got {e}"),
+            Ok(_) => panic!("connected although the socket refused us"),
+        }
+    }
+
     #[test]
     fn ambiguous_message_lists_candidates() {
         let e = DockerError::Ambiguous {
