@@ -6,6 +6,8 @@
 //! crate-wide `dead_code` allowance below.
 #![allow(dead_code)]
 
+pub mod container;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
