@@ -104,8 +104,10 @@ pub struct Config {
     pub root: PathBuf,
     /// The registry process.
     pub registry: Registry,
-    /// Where verification asks.
+    /// Where the registry answers, as far as is known before any restart.
     pub endpoint: Option<String>,
+    /// `--registry-url`, which overrides what the registry's set-up says.
+    pub registry_url: Option<String>,
     /// Service steps after the edits.
     pub finish: Finish,
     /// Print the plan only.
@@ -308,6 +310,7 @@ pub fn resolve(g: &Global, purpose: Purpose) -> Result<Config> {
         root,
         registry,
         endpoint,
+        registry_url: g.registry_url.clone(),
         finish,
         dry_run: g.dry_run,
         confirm,

@@ -73,7 +73,8 @@ pub struct Context<'a> {
     pub storage: &'a Storage,
     /// The registry process, when GC, restart or offline steps are planned.
     pub service: Option<Box<dyn Service>>,
-    /// Where verification asks, if known.
+    /// Where verification asks when the user named it (`--registry-url`); otherwise the service
+    /// says, as its address may change on restart.
     pub endpoint: Option<String>,
     /// Set by the Ctrl-C handler.
     pub interrupted: &'a AtomicBool,
@@ -176,7 +177,13 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
                 Some(Err(e)) => StepResult::Failed(format!("{e:#}")),
                 None => StepResult::Failed("no way to restart the registry".into()),
             },
-            Action::Verify => verify(cx.endpoint.as_deref(), &plan.checks, &report),
+            Action::Verify => {
+                let url = cx
+                    .endpoint
+                    .clone()
+                    .or_else(|| service(&mut cx).and_then(|s| s.endpoint()));
+                verify(url.as_deref(), &plan.checks, &report)
+            }
             _ => unreachable!("every action is handled"),
         };
         let o = Outcome {

@@ -224,7 +224,7 @@ fn carry_out(
     let cx = exec::Context {
         storage,
         service,
-        endpoint: cfg.endpoint.clone(),
+        endpoint: cfg.registry_url.clone(),
         interrupted: &interrupted,
     };
     let report = exec::execute(&plan, cx, &mut |o| out.outcome(o));
