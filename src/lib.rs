@@ -80,7 +80,10 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<Exit> {
             };
             let mut snaps = Vec::new();
             for n in &names {
-                snaps.push(storage.read_repo(n)?);
+                let snap = storage.read_repo(n)?;
+                // The whole repository goes, so what could not be read in it blocks nothing.
+                out.problems(storage.v2(), &snap.problems);
+                snaps.push(snap);
             }
             let tree = plan::build_repo_plan(&snaps);
             let plan = plan::finish_plan(tree, cfg.finish, false);
@@ -190,7 +193,11 @@ fn carry_out(
         return Ok(Exit::Ok);
     }
     match cfg.confirm {
-        Confirm::Yes => {}
+        Confirm::Yes => {
+            if !out.json {
+                out.notes(&plan, storage.v2());
+            }
+        }
         Confirm::Refuse => {
             return Err(Refusal(format!(
                 "refusing to delete {what} without confirmation: no terminal to ask on; pass --yes (or -y) to confirm, or --dry-run to see the plan"

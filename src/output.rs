@@ -129,6 +129,11 @@ impl Output {
         for (i, s) in plan.steps.iter().enumerate() {
             self.info(format!("{:>3}. {}", i + 1, self.step_line(s, false)));
         }
+        self.notes(plan, v2);
+    }
+
+    /// What the plan keeps although the selection touched it, and what could not be read.
+    pub fn notes(&self, plan: &Plan, v2: &Path) {
         for k in &plan.kept {
             self.info(format!("     keep {k}"));
         }

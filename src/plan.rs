@@ -632,7 +632,6 @@ pub fn build_repo_plan(snaps: &[RepoSnapshot]) -> Plan {
                 digest: b.clone(),
             });
         }
-        plan.problems.extend(snap.problems.iter().cloned());
     }
     plan
 }
