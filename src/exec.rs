@@ -86,7 +86,18 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
     let mut broken_repos: BTreeSet<RepoName> = BTreeSet::new();
     let mut stopped = false;
 
+    let mut journal_error: Option<String> = None;
+    let mut journaled = false;
     for step in &plan.steps {
+        // Record the tree edits before the first one, so any later run can finish them.
+        if step.action.is_tree_edit() && !journaled {
+            journaled = true;
+            let bytes =
+                serde_json::to_vec_pretty(&crate::plan::journal_of(plan)).unwrap_or_default();
+            if let Err(e) = cx.storage.write_journal(&bytes) {
+                journal_error = Some(format!("{e:#}; no edit was made"));
+            }
+        }
         let interrupted = cx.interrupted.load(Ordering::SeqCst);
         // After an interruption only the step that brings a stopped registry back runs.
         if interrupted && !(stopped && step.action == Action::StartRegistry) {
@@ -100,7 +111,9 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
         let result = match step.action {
             a if a.is_tree_edit() => {
                 let repo = step.repo.clone().expect("tree steps name a repository");
-                if broken_repos.contains(&repo) {
+                if let Some(e) = &journal_error {
+                    StepResult::Failed(e.clone())
+                } else if broken_repos.contains(&repo) {
                     StepResult::Skipped(format!(
                         "an earlier step in {repo} failed, so this one could remove something still needed"
                     ))
@@ -193,6 +206,16 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
         };
         progress(&o);
         report.outcomes.push(o);
+    }
+    if journaled && journal_error.is_none() && !report.interrupted {
+        // Every tree step was tried; failures are reported, not retried forever.
+        if let Err(e) = cx.storage.remove_journal() {
+            report.outcomes.push(Outcome {
+                step: Step::service(Action::Verify, "remove the journal of this run"),
+                result: StepResult::Failed(format!("{e:#}")),
+                gc_output: None,
+            });
+        }
     }
     report
 }

@@ -69,14 +69,22 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<Exit> {
         Some(Command::DeleteRepo { repos, all }) => {
             let cfg = config::resolve(&cli.global, Purpose::Modify)?;
             let storage = Storage::open(&cfg.root)?;
-            let _lock = lock_unless_dry(&cfg, &storage)?;
+            let _lock = storage.lock()?;
+            let pending = read_pending(&storage, out)?;
             let names = if *all {
                 let (names, problems) = storage.list_repositories()?;
                 out.problems(storage.v2(), &problems);
                 names
             } else {
-                ensure_repos_exist(&storage, repos)?;
-                repos.clone()
+                let mut repos = repos.clone();
+                if let Some(p) = &pending {
+                    repos.retain(|r| {
+                        storage.repo_exists(r)
+                            || !plan::covered_by(p, &Reference::AllTags(r.clone()))
+                    });
+                }
+                ensure_repos_exist(&storage, &repos)?;
+                repos
             };
             let mut snaps = Vec::new();
             for n in &names {
@@ -86,7 +94,7 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<Exit> {
                 snaps.push(snap);
             }
             let tree = plan::build_repo_plan(&snaps);
-            let plan = plan::finish_plan(tree, cfg.finish, false);
+            let plan = with_pending(pending, tree, cfg.finish);
             let what = if *all {
                 format!("every repository ({})", names.len())
             } else {
@@ -101,8 +109,15 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<Exit> {
         Some(Command::Gc) => {
             let cfg = config::resolve(&cli.global, Purpose::Modify)?;
             let storage = Storage::open(&cfg.root)?;
-            let _lock = lock_unless_dry(&cfg, &storage)?;
-            let plan = plan::finish_plan(Plan::default(), cfg.finish, true);
+            let _lock = storage.lock()?;
+            let pending = read_pending(&storage, out)?;
+            let plan = plan::finish_plan(
+                pending
+                    .map(|p| plan::resume(p, Plan::default()))
+                    .unwrap_or_default(),
+                cfg.finish,
+                true,
+            );
             carry_out(out, &cfg, &storage, plan, "no image (collection only)")
         }
         None => {
@@ -113,8 +128,14 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<Exit> {
             }
             let cfg = config::resolve(&cli.global, Purpose::Modify)?;
             let storage = Storage::open(&cfg.root)?;
-            let _lock = lock_unless_dry(&cfg, &storage)?;
-            let repos: Vec<RepoName> = dedup(cli.references.iter().map(Reference::repo).cloned());
+            let _lock = storage.lock()?;
+            let pending = read_pending(&storage, out)?;
+            let mut refs = cli.references.clone();
+            // A reference an interrupted run already half-deleted is finished by its journal.
+            if let Some(p) = &pending {
+                refs.retain(|r| storage.repo_exists(r.repo()) || !plan::covered_by(p, r));
+            }
+            let repos: Vec<RepoName> = dedup(refs.iter().map(Reference::repo).cloned());
             ensure_repos_exist(&storage, &repos)?;
             let mut snaps = Vec::new();
             for r in &repos {
@@ -122,19 +143,66 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<Exit> {
                 out.problems(storage.v2(), &snap.problems);
                 snaps.push(snap);
             }
-            let tree = plan::build_delete_plan(&snaps, &cli.references).map_err(|errs| {
-                Refusal(
-                    errs.iter()
-                        .map(|e| e.to_string())
-                        .collect::<Vec<_>>()
-                        .join("\n"),
-                )
-            })?;
-            let plan = plan::finish_plan(tree, cfg.finish, false);
+            let tree = match plan::build_delete_plan(&snaps, &refs) {
+                Ok(t) => t,
+                Err(errs) => {
+                    let covered = |e: &plan::SelectError| {
+                        pending
+                            .as_ref()
+                            .is_some_and(|p| plan::covered_by(p, &e.reference()))
+                    };
+                    if errs.iter().all(covered) {
+                        refs.retain(|r| !errs.iter().any(|e| &e.reference() == r));
+                        plan::build_delete_plan(&snaps, &refs).map_err(refusal_of)?
+                    } else {
+                        return Err(
+                            refusal_of(errs.into_iter().filter(|e| !covered(e)).collect()).into(),
+                        );
+                    }
+                }
+            };
+            let plan = with_pending(pending, tree, cfg.finish);
             let refs: Vec<String> = cli.references.iter().map(|r| r.to_string()).collect();
             carry_out(out, &cfg, &storage, plan, &refs.join(", "))
         }
     }
+}
+
+fn refusal_of(errs: Vec<plan::SelectError>) -> Refusal {
+    Refusal(
+        errs.iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
+/// The journal of an interrupted run, if any; its steps are finished by this run.
+fn read_pending(storage: &Storage, out: &Output) -> Result<Option<Plan>> {
+    let Some(bytes) = storage.read_journal()? else {
+        return Ok(None);
+    };
+    let plan: Plan = serde_json::from_slice(&bytes).map_err(|e| {
+        Refusal(format!(
+            "{} is not a journal this version can read ({e}); if no docker-delete is running, move it away and run again",
+            storage.journal_path().display()
+        ))
+    })?;
+    out.warn(format!(
+        "an earlier run was interrupted; its {} remaining step(s) from {} are finished first",
+        plan.steps.len(),
+        storage.journal_path().display()
+    ));
+    Ok(Some(plan))
+}
+
+fn with_pending(pending: Option<Plan>, tree: Plan, finish: plan::Finish) -> Plan {
+    let force = pending.is_some();
+    let tree = match pending {
+        Some(p) => plan::resume(p, tree),
+        None => tree,
+    };
+    plan::finish_plan(tree, finish, force)
 }
 
 fn dedup<T: Ord + Clone>(it: impl Iterator<Item = T>) -> Vec<T> {
@@ -142,14 +210,6 @@ fn dedup<T: Ord + Clone>(it: impl Iterator<Item = T>) -> Vec<T> {
     v.sort();
     v.dedup();
     v
-}
-
-fn lock_unless_dry(cfg: &Config, storage: &Storage) -> Result<Option<std::fs::File>> {
-    if cfg.dry_run {
-        Ok(None)
-    } else {
-        storage.lock().map(Some)
-    }
 }
 
 fn ensure_repos_exist(storage: &Storage, repos: &[RepoName]) -> Result<()> {

@@ -149,7 +149,9 @@ impl Output {
         match &o.result {
             StepResult::Done(detail) if detail.is_empty() => self.info(line),
             StepResult::Done(detail) => self.info(format!("{}: {detail}", o.step.action.verbs().1)),
-            StepResult::AlreadyGone => self.info(format!("{line} (already gone)")),
+            StepResult::AlreadyGone => {
+                self.info(format!("{}: already gone", self.step_line(&o.step, false)))
+            }
             StepResult::Skipped(why) => {
                 self.warn(format!("skipped {}: {why}", o.step.action.verbs().0))
             }

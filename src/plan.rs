@@ -5,14 +5,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::storage::{
     Digest, ManifestKind, Problem, Reference, RepoName, RepoSnapshot, Tag, layout,
 };
 
 /// What a step does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Action {
     /// Stop the registry before editing (offline mode).
@@ -65,7 +65,7 @@ impl Action {
 }
 
 /// One step of a plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Step {
     /// What to do.
     pub action: Action,
@@ -129,7 +129,7 @@ impl Step {
 }
 
 /// Something the plan deliberately keeps although the selection touched it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Kept {
     /// Repository.
     pub repo: RepoName,
@@ -146,7 +146,7 @@ impl fmt::Display for Kept {
 }
 
 /// A request to the registry after restart that must answer 404.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Check {
     /// `GET /v2/<repo>/manifests/<reference>` must answer 404.
@@ -166,7 +166,7 @@ pub enum Check {
 }
 
 /// Ordered steps plus what was kept, what could not be read, and what to verify afterwards.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     /// Steps in execution order.
     pub steps: Vec<Step>,
@@ -221,6 +221,17 @@ pub enum SelectError {
         /// Repository.
         repo: RepoName,
     },
+}
+
+impl SelectError {
+    /// The reference that could not be resolved.
+    pub fn reference(&self) -> Reference {
+        match self {
+            Self::UnknownTag { repo, tag } => Reference::Tag(repo.clone(), tag.clone()),
+            Self::UnknownDigest { repo, digest } => Reference::Digest(repo.clone(), digest.clone()),
+            Self::NoTags { repo } => Reference::AllTags(repo.clone()),
+        }
+    }
 }
 
 /// Plans the deletion of the referenced tags and manifests. `snaps` holds a snapshot of every
@@ -636,6 +647,66 @@ pub fn build_repo_plan(snaps: &[RepoSnapshot]) -> Plan {
     plan
 }
 
+/// The tree edits and checks of a plan: what the journal records before the first edit.
+pub fn journal_of(plan: &Plan) -> Plan {
+    Plan {
+        steps: plan
+            .steps
+            .iter()
+            .filter(|s| s.action.is_tree_edit())
+            .cloned()
+            .collect(),
+        checks: plan.checks.clone(),
+        ..Plan::default()
+    }
+}
+
+/// Whether an interrupted run's pending steps already cover a reference that no longer resolves
+/// (its tag or manifest was removed before the interruption).
+pub fn covered_by(pending: &Plan, r: &Reference) -> bool {
+    pending.steps.iter().any(|s| {
+        s.repo.as_ref() == Some(r.repo())
+            && match (r, s.action) {
+                (_, Action::RemoveRepository) => true,
+                (Reference::Tag(repo, tag), Action::RemoveTag) => {
+                    s.path.as_deref() == Some(layout::tag_dir(repo, tag).as_path())
+                }
+                (Reference::AllTags(_), Action::RemoveTag) => true,
+                (Reference::Digest(_, d), Action::RemoveTag | Action::RemoveRevision) => {
+                    s.expect.as_ref() == Some(d)
+                }
+                _ => false,
+            }
+    })
+}
+
+/// Puts an interrupted run's pending tree steps before a new plan's, dropping duplicates, and
+/// keeps the order tags, revisions, layer links, repositories across both.
+pub fn resume(pending: Plan, new: Plan) -> Plan {
+    let mut steps: Vec<Step> = Vec::new();
+    for s in pending.steps.into_iter().chain(new.steps) {
+        if !steps
+            .iter()
+            .any(|t| t.action == s.action && t.path == s.path)
+        {
+            steps.push(s);
+        }
+    }
+    steps.sort_by_key(|s| s.action);
+    let mut checks = pending.checks;
+    for c in new.checks {
+        if !checks.contains(&c) {
+            checks.push(c);
+        }
+    }
+    Plan {
+        steps,
+        checks,
+        kept: new.kept,
+        problems: new.problems,
+    }
+}
+
 /// How the registry is driven after the tree edits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Finish {
@@ -923,6 +994,49 @@ mod tests {
         ];
         let errs = build_delete_plan(&[s], &refs).unwrap_err();
         assert_eq!(errs.len(), 2);
+    }
+
+    #[test]
+    fn pending_steps_cover_half_deleted_references_and_merge_in_order() {
+        let s = Repo::new("app")
+            .manifest(10, image(1, &[2]))
+            .manifest(11, image(3, &[4]))
+            .tag("v1", 10, &[])
+            .tag("v2", 11, &[])
+            .0;
+        let pending = journal_of(&finish_plan(
+            plan(std::slice::from_ref(&s), &["app:v1"]),
+            Finish {
+                offline: true,
+                gc: true,
+                restart: true,
+                verify: true,
+            },
+            false,
+        ));
+        assert!(pending.steps.iter().all(|s| s.action.is_tree_edit()));
+        assert!(covered_by(&pending, &Reference::parse("app:v1").unwrap()));
+        assert!(covered_by(
+            &pending,
+            &Reference::parse(&format!("app@{}", d(10))).unwrap()
+        ));
+        assert!(!covered_by(&pending, &Reference::parse("app:v2").unwrap()));
+        assert!(!covered_by(
+            &pending,
+            &Reference::parse("other:v1").unwrap()
+        ));
+
+        let merged = resume(pending.clone(), plan(&[s], &["app:v1", "app:v2"]));
+        let actions: Vec<Action> = merged.steps.iter().map(|s| s.action).collect();
+        let mut sorted = actions.clone();
+        sorted.sort();
+        assert_eq!(actions, sorted);
+        assert_eq!(
+            merged.count(Action::RemoveTag),
+            2,
+            "no duplicate of the pending tag step"
+        );
+        assert_eq!(merged.count(Action::RemoveRevision), 2);
     }
 
     #[test]

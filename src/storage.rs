@@ -11,14 +11,14 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 // ---------------------------------------------------------------------------------------------
 // Names
 
 /// A content digest, `sha256:` followed by 64 lowercase hex digits.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(into = "String")]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct Digest(String);
 
 impl Digest {
@@ -90,6 +90,13 @@ impl From<Digest> for String {
     }
 }
 
+impl TryFrom<String> for Digest {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::parse(&s)
+    }
+}
+
 /// `Display` and `Debug` as the plain string, and conversion into `String`, for a validated name.
 macro_rules! string_newtype {
     ($t:ident) => {
@@ -110,13 +117,20 @@ macro_rules! string_newtype {
                 v.0
             }
         }
+
+        impl TryFrom<String> for $t {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                Self::parse(&s)
+            }
+        }
     };
 }
 
 /// A repository name following the distribution grammar: lowercase alphanumeric components joined
 /// by `/`, with `.`, `_`, `__` or one or more `-` between alphanumeric runs.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(into = "String")]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct RepoName(String);
 
 impl RepoName {
@@ -188,8 +202,8 @@ fn valid_component(c: &str) -> bool {
 string_newtype!(RepoName);
 
 /// A tag: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(into = "String")]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct Tag(String);
 
 impl Tag {
@@ -467,7 +481,7 @@ impl Manifest {
 // The model read from the tree
 
 /// Something in the tree that could not be read; reported, never deleted because of.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Problem {
     /// The path, relative to the storage root's `docker/registry/v2`.
     pub path: PathBuf,
@@ -526,6 +540,9 @@ impl RepoSnapshot {
 
 // ---------------------------------------------------------------------------------------------
 // The filesystem store
+
+/// File name of the journal in `docker/registry/v2` (the registry ignores files there).
+const JOURNAL: &str = "docker-delete-journal.json";
 
 /// The storage tree on local disk: `<root>/docker/registry/v2`.
 #[derive(Debug, Clone)]
@@ -595,6 +612,45 @@ impl Storage {
             Err(fs::TryLockError::Error(e)) => {
                 Err(e).with_context(|| format!("cannot lock {}", self.v2.display()))
             }
+        }
+    }
+
+    /// Where an unfinished run records its tree steps, so that any later run finishes them.
+    pub fn journal_path(&self) -> PathBuf {
+        self.v2.join(JOURNAL)
+    }
+
+    /// Reads the journal of an interrupted run, if there is one.
+    pub fn read_journal(&self) -> Result<Option<Vec<u8>>> {
+        let path = self.journal_path();
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    /// Writes the journal atomically (temporary file, fsync, rename).
+    pub fn write_journal(&self, contents: &[u8]) -> Result<()> {
+        use std::io::Write as _;
+        let path = self.journal_path();
+        let tmp = self.v2.join(format!("{JOURNAL}.tmp"));
+        let write = || -> io::Result<()> {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(contents)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        };
+        write().with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Removes the journal once its steps are done.
+    pub fn remove_journal(&self) -> Result<()> {
+        let path = self.journal_path();
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
         }
     }
 
