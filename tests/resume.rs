@@ -1,0 +1,151 @@
+//! Interruption: Ctrl-C during a run exits 130 and keeps the run's journal; the next run finishes
+//! what the interrupted one had started, even after its tags are already gone.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn journal(v2: &Path) -> std::path::PathBuf {
+    v2.join("docker-delete-journal.json")
+}
+
+/// Runs `docker-delete ... app:gone` with a restart command that takes long enough to be
+/// interrupted, and sends SIGINT once the restart has begun. Returns the process output.
+fn run_and_interrupt(reg: &Registry, dir: &TestDir) -> std::process::Output {
+    let marker = dir.join("restart-begun");
+    let restart_cmd = format!("touch '{}'; sleep 2", marker.display());
+    let child = Command::new(assert_cmd::cargo::cargo_bin("docker-delete"))
+        .args(["--no-container", "--registry-dir"])
+        .arg(reg.root())
+        .arg("--config")
+        .arg(reg.config_path())
+        .args(["--restart-cmd", &restart_cmd, "-y", "app:gone"])
+        .env_remove("DOCKER_REGISTRY_DIR")
+        .env_remove("DOCKER_REGISTRY_CONTAINER_ID")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn docker-delete");
+    let start = Instant::now();
+    while !marker.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the restart command never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    child.wait_with_output().expect("wait for docker-delete")
+}
+
+fn only_in(a: &Image, b: &Image) -> BTreeSet<String> {
+    a.blob_digests()
+        .difference(&b.blob_digests())
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn ctrl_c_exits_130_keeps_the_journal_and_the_next_run_finishes() {
+    let mut reg = Registry::start();
+    let keep = build_image(Format::Docker, &["resume-base", "resume-keep"]);
+    let gone = build_image(Format::Docker, &["resume-base", "resume-gone"]);
+    reg.push("app", "keep", &keep);
+    reg.push("app", "gone", &gone);
+    let v2 = reg.v2();
+    let dir = TestDir::new();
+
+    let out = run_and_interrupt(&reg, &dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "stderr:\n{stderr}");
+    assert!(stderr.contains("interrupted"), "stderr:\n{stderr}");
+    assert!(
+        journal(&v2).is_file(),
+        "an interrupted run keeps its journal"
+    );
+    assert!(!tag_path(&v2, "app", "gone").exists());
+
+    // Put back the revision and layer links, as if the interruption had come right after the
+    // tag was removed: only the journal still knows they were meant to go.
+    let gone_manifest = gone.digest.clone();
+    let rev = revision_link_path(&v2, "app", &gone_manifest);
+    fs::create_dir_all(rev.parent().unwrap()).unwrap();
+    fs::write(&rev, &gone_manifest).unwrap();
+    let unique = only_in(&gone, &keep);
+    // The blobs were collected by the interrupted run; push the image by digest again so that
+    // the links point at real blobs, then remove its tag as the interrupted run had.
+    reg.restart();
+    reg.push_untagged("app", &gone);
+    for d in &unique {
+        assert!(
+            blob_path(&v2, d).is_file(),
+            "blob {d} is back for the re-run"
+        );
+    }
+
+    // The same command again: the tag is gone, the journal finishes the job.
+    let out = docker_delete()
+        .args(["--no-container", "--registry-dir"])
+        .arg(reg.root())
+        .arg("--config")
+        .arg(reg.config_path())
+        .args(["--no-restart", "-y", "app:gone"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("an earlier run was interrupted"),
+        "stderr:\n{stderr}"
+    );
+    assert!(!journal(&v2).exists(), "the journal is removed once done");
+    assert!(!rev.exists(), "the revision link the journal named is gone");
+    for d in &unique {
+        assert!(
+            !layer_link_path(&v2, "app", d).exists(),
+            "layer link {d} is gone"
+        );
+        assert!(!blob_path(&v2, d).exists(), "blob {d} was collected");
+    }
+
+    reg.restart();
+    assert_eq!(reg.status_manifest("app", "gone"), 404);
+    assert_eq!(reg.status_manifest("app", &gone_manifest), 404);
+    reg.pull_verify("app", "keep")
+        .expect("the other tag still pulls");
+}
+
+#[test]
+fn unreadable_journal_refuses_and_changes_nothing() {
+    let reg = Registry::start();
+    let img = build_image(Format::Oci, &["journal-bad"]);
+    reg.push("app", "v1", &img);
+    let v2 = reg.v2();
+    fs::write(journal(&v2), b"{ not json").unwrap();
+    let before = snapshot(reg.root());
+    let out = docker_delete()
+        .args(["--no-container", "--registry-dir"])
+        .arg(reg.root())
+        .args(["--no-gc", "--no-restart", "-y", "app:v1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("docker-delete-journal.json"),
+        "names the file: {stderr}"
+    );
+    before.assert_unchanged(&snapshot(reg.root()));
+}
