@@ -182,12 +182,15 @@ fn read_pending(storage: &Storage, out: &Output) -> Result<Option<Plan>> {
     let Some(bytes) = storage.read_journal()? else {
         return Ok(None);
     };
-    let plan: Plan = serde_json::from_slice(&bytes).map_err(|e| {
-        Refusal(format!(
-            "{} is not a journal this version can read ({e}); if no docker-delete is running, move it away and run again",
-            storage.journal_path().display()
-        ))
-    })?;
+    let plan: Plan = serde_json::from_slice(&bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|p: Plan| plan::ensure_valid_journal(&p).map(|()| p))
+        .map_err(|e| {
+            Refusal(format!(
+                "{} is not a journal this version can read ({e}); no docker-delete holds the lock, so no run is using it: move it away and run again",
+                storage.journal_path().display()
+            ))
+        })?;
     out.warn(format!(
         "an earlier run was interrupted; its {} remaining step(s) from {} are finished first",
         plan.steps.len(),

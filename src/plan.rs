@@ -661,6 +661,37 @@ pub fn journal_of(plan: &Plan) -> Plan {
     }
 }
 
+/// Checks a journal read from disk: only tree edits, each at the path its repository and digest
+/// call for, so a damaged or edited journal cannot aim a removal anywhere else.
+pub fn ensure_valid_journal(journal: &Plan) -> Result<(), String> {
+    for s in &journal.steps {
+        let (Some(repo), Some(path)) = (&s.repo, &s.path) else {
+            return Err(format!("a {:?} step has no repository or path", s.action));
+        };
+        let ok = match (s.action, &s.expect) {
+            (Action::RemoveTag, _) => {
+                path.parent() == Some(layout::repo(repo).join("_manifests/tags").as_path())
+                    && path
+                        .file_name()
+                        .and_then(|f| f.to_str())
+                        .is_some_and(|t| Tag::parse(t).is_ok())
+            }
+            (Action::RemoveRevision, Some(d)) => *path == layout::revision_dir(repo, d),
+            (Action::RemoveLayerLink, Some(d)) => *path == layout::layer_dir(repo, d),
+            (Action::RemoveRepository, None) => *path == layout::repo(repo),
+            _ => false,
+        };
+        if !ok {
+            return Err(format!(
+                "step {:?} on {} does not match the storage layout",
+                s.action,
+                path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether an interrupted run's pending steps already cover a reference that no longer resolves
 /// (its tag or manifest was removed before the interruption).
 pub fn covered_by(pending: &Plan, r: &Reference) -> bool {
@@ -1015,6 +1046,12 @@ mod tests {
             false,
         ));
         assert!(pending.steps.iter().all(|s| s.action.is_tree_edit()));
+        ensure_valid_journal(&pending).unwrap();
+        let mut evil = pending.clone();
+        evil.steps[0].path = Some(PathBuf::from("repositories/other/_manifests/tags/v1"));
+        assert!(ensure_valid_journal(&evil).is_err());
+        evil.steps[0].path = Some(PathBuf::from("../../etc"));
+        assert!(ensure_valid_journal(&evil).is_err());
         assert!(covered_by(&pending, &Reference::parse("app:v1").unwrap()));
         assert!(covered_by(
             &pending,
