@@ -218,7 +218,7 @@ impl ScriptRegistry {
             );
             fs::write(dir.join("restart.sh"), script).unwrap();
             let r = Self { dir, port };
-            let st = Command::new("sh").arg(r.restart_cmd()).status().unwrap();
+            let st = Command::new("sh").arg(r.script()).status().unwrap();
             if st.success() {
                 return r;
             }
@@ -227,12 +227,17 @@ impl ScriptRegistry {
         panic!("script registry did not start: {last}");
     }
 
+    fn script(&self) -> PathBuf {
+        self.dir.join("restart.sh")
+    }
+
+    /// The shell command that restarts this registry, for `--restart-cmd`.
     fn restart_cmd(&self) -> String {
-        self.dir.join("restart.sh").display().to_string()
+        format!("sh '{}'", self.script().display())
     }
 
     fn restart(&self) {
-        let st = Command::new("sh").arg(self.restart_cmd()).status().unwrap();
+        let st = Command::new("sh").arg(self.script()).status().unwrap();
         assert!(st.success(), "restart script failed: {}", self.log());
     }
 
@@ -717,8 +722,9 @@ fn dry_run_changes_nothing_and_lists_what_the_real_run_removes() {
     assert_eq!(top_removed(&v2_before, &v2_after), planned);
 }
 
-#[test]
-fn dry_run_paths_equal_removed_paths_when_a_repository_is_emptied() {
+/// Dry run, then the real run, of deleting every tag of `app` and `team/signed`: (planned tree
+/// paths, top-level removed paths under `repositories/`, every removed path).
+fn emptying_run() -> (BTreeSet<PathBuf>, BTreeSet<PathBuf>, BTreeSet<PathBuf>) {
     let reg = rich_registry();
     let v2 = reg.v2();
     let dry = dd_bare(&reg, &["-n", "--json", "app", "team/signed"]);
@@ -726,12 +732,61 @@ fn dry_run_paths_equal_removed_paths_when_a_repository_is_emptied() {
     let planned = planned_paths(&dry.stdout);
     let before = snapshot(&v2);
     dd(&reg, &["app", "team/signed"]).assert_ok();
-    let removed = top_removed(&before, &snapshot(&v2));
+    let after = snapshot(&v2);
+    let all_removed = before
+        .entries
+        .keys()
+        .filter(|p| p.starts_with("repositories") && !after.entries.contains_key(*p))
+        .cloned()
+        .collect();
+    (planned, top_removed(&before, &after), all_removed)
+}
+
+/// The property at file level: every planned path is removed, every removed path lies under a
+/// planned one, and the only other removals are directories the edits left empty (ancestors of
+/// planned paths, `_layers/` and `_manifests/revisions/` here).
+#[test]
+fn dry_run_paths_cover_exactly_what_goes_when_a_repository_is_emptied() {
+    let (planned, _, removed) = emptying_run();
+    for p in &planned {
+        assert!(removed.contains(p), "planned but not removed: {}", p.display());
+    }
+    for r in &removed {
+        let under_planned = planned.iter().any(|p| r.starts_with(p));
+        let emptied_parent = planned.iter().any(|p| p.starts_with(r));
+        assert!(
+            under_planned || emptied_parent,
+            "removed but neither planned nor an emptied parent: {}",
+            r.display()
+        );
+        if !under_planned {
+            let name = r.file_name().unwrap().to_string_lossy();
+            assert!(
+                ["_layers", "revisions", "sha256"].contains(&name.as_ref()),
+                "unexpected emptied parent removed: {}",
+                r.display()
+            );
+        }
+    }
+}
+
+/// The strict form of the house property: the dry run lists exactly the paths the real run
+/// removes. Emptied `_layers/` and `_manifests/revisions/` directories are removed without being
+/// in the plan.
+#[test]
+#[ignore = "bug: the real run removes emptied `_layers/` and `_manifests/revisions/` parents (exec::tree_step, remove_empty_upwards) that the dry run never lists"]
+fn dry_run_paths_equal_removed_paths_when_a_repository_is_emptied() {
+    let (planned, top, _) = emptying_run();
+    let planned_top: BTreeSet<PathBuf> = planned
+        .iter()
+        .filter(|p| !planned.iter().any(|q| q != *p && p.starts_with(q)))
+        .cloned()
+        .collect();
     assert_eq!(
-        removed, planned,
-        "removed but not planned: {:?}; planned but not removed: {:?}",
-        removed.difference(&planned).collect::<Vec<_>>(),
-        planned.difference(&removed).collect::<Vec<_>>()
+        top,
+        planned_top,
+        "removed but not planned: {:?}",
+        top.difference(&planned).collect::<Vec<_>>()
     );
 }
 
@@ -905,48 +960,40 @@ fn unreadable_links_and_repositories_are_reported_and_left_alone() {
     let one = build_image(Format::Docker, &["b-base", "b-one"]);
     let two = build_image(Format::Docker, &["b-base", "b-two"]);
     let good = build_image(Format::Docker, &["b-good"]);
-    let revimg = build_image(Format::Docker, &["b-rev"]);
-    let revother = build_image(Format::Docker, &["b-rev-other"]);
     let fine = build_image(Format::Docker, &["b-fine"]);
     reg.push("app", "v1", &one);
     reg.push("app", "broken", &two);
     reg.push("good", "v1", &good);
-    reg.push("rev", "v1", &revimg);
-    reg.push("rev", "other", &revother);
     reg.push("fine", "1", &fine);
     reg.push("nomani", "1", &build_image(Format::Docker, &["b-nomani"]));
     let v2 = reg.v2();
 
-    // app:broken has an empty current link; rev's other revision link is malformed;
-    // nomani has lost its _manifests.
+    // app:broken has an empty current link; nomani has lost its _manifests.
     let broken_link = tag_path(&v2, "app", "broken").join("current/link");
     fs::write(&broken_link, "").unwrap();
-    let bad_rev = revision_link_path(&v2, "rev", &revother.digest);
-    fs::write(&bad_rev, "sha256:not-hex").unwrap();
     fs::remove_dir_all(repo_path(&v2, "nomani").join("_manifests")).unwrap();
     reg.restart();
 
-    let out = dd_restart(&mut reg, &["app:v1", "rev:v1", "good:v1"]);
-    out.assert_code(1);
-    // Each problem is reported with its path.
-    out.assert_stderr_has(&broken_link.display().to_string())
-        .assert_stderr_has(&bad_rev.display().to_string());
-    // The tags selected went; what depends on the unreadable links stayed.
+    let out = dd_restart(&mut reg, &["app:v1", "good:v1"]);
+    out.assert_code(1)
+        .assert_stderr_has(&broken_link.display().to_string());
+    // The tag selected went; nothing that depends on the unreadable link did.
     assert_gone(&reg, "app", "v1");
-    assert_gone(&reg, "rev", "v1");
     assert!(broken_link.is_file());
-    assert!(bad_rev.is_file());
     assert!(revision_link_path(&v2, "app", &one.digest).is_file());
     assert!(revision_link_path(&v2, "app", &two.digest).is_file());
+    for d in layer_blobs(&one).union(&layer_blobs(&two)) {
+        assert!(layer_link_path(&v2, "app", d).is_file(), "layer link {d}");
+    }
     assert_blobs_present(&v2, &one.blob_digests());
     assert_blobs_present(&v2, &two.blob_digests());
-    assert_blobs_present(&v2, &revother.blob_digests());
     // The rest of the run went on: good:v1 is deleted and freed, everything else pulls.
     assert_gone(&reg, "good", "v1");
     assert_blobs_gone(&v2, &good.blob_digests());
     assert_pulls(&reg, "fine", "1");
     assert_pulls(&reg, "app", &two.digest);
     assert_pulls(&reg, "app", &one.digest);
+    assert_no_empty_blob_dirs(&v2);
 
     // A repository without _manifests is reported by path.
     let nomani = repo_path(&v2, "nomani").join("_manifests");
@@ -954,6 +1001,22 @@ fn unreadable_links_and_repositories_are_reported_and_left_alone() {
     out.assert_code(2)
         .assert_stderr_has(&nomani.display().to_string());
     assert!(repo_path(&v2, "nomani").join("_layers").is_dir());
+}
+
+/// Why the tool kept something it could not read must be on stderr in a real run too, not only in
+/// a dry run or at the confirmation prompt.
+#[test]
+#[ignore = "bug: with --yes, plan problems (\"kept: its manifest cannot be read\", \"no revision or layer link removed in REPO: ...\") are never printed; only the exit code 1 hints at them"]
+fn a_confirmed_run_reports_what_it_kept_because_it_could_not_be_read() {
+    let reg = Registry::start();
+    let bad = build_image(Format::Docker, &["pp-bad"]);
+    reg.push("app", "v1", &bad);
+    let manifest_blob = blob_path(&reg.v2(), &bad.digest);
+    fs::write(&manifest_blob, b"this is not json").unwrap();
+    let out = dd(&reg, &["--no-gc", "app:v1"]);
+    out.assert_code(1)
+        .assert_stderr_has(&digest_hex(&bad.digest)[..12])
+        .assert_stderr_has("cannot be read");
 }
 
 #[test]
@@ -970,17 +1033,58 @@ fn a_manifest_that_is_not_json_is_reported_and_kept() {
     fs::write(&manifest_blob, b"this is not json").unwrap();
     reg.restart();
 
+    // The dry run names the manifest blob and says the revision is kept.
+    let dry = dd_bare(&reg, &["-n", "app:v1", "other:1"]);
+    dry.assert_ok()
+        .assert_stderr_has(&format!("{}", Path::new("blobs/sha256").join(&digest_hex(&bad.digest)[..2]).join(digest_hex(&bad.digest)).join("data").display()))
+        .assert_stderr_has("kept");
+
     let out = dd_restart(&mut reg, &["app:v1", "other:1"]);
+    // The registry's own collector stops at the first manifest it cannot parse, anywhere: nothing
+    // is freed, and the tool reports that step as failed.
     out.assert_code(1)
-        .assert_stderr_has(&digest_hex(&bad.digest)[..12]);
+        .assert_stderr_has("garbage-collect failed")
+        .assert_stderr_has(&bad.digest);
     assert!(manifest_blob.is_file());
     assert!(revision_link_path(&v2, "app", &bad.digest).is_file());
     for d in layer_blobs(&bad) {
         assert!(layer_link_path(&v2, "app", &d).is_file(), "layer link {d}");
     }
+    assert_blobs_present(&v2, &bad.blob_digests());
     assert_gone(&reg, "app", "v1");
     assert_gone(&reg, "other", "1");
+    assert_blobs_present(&v2, &other.blob_digests());
     assert_pulls(&reg, "app", "fine");
+}
+
+#[test]
+fn a_malformed_revision_link_is_reported_and_kept() {
+    let mut reg = Registry::start();
+    let one = build_image(Format::Docker, &["m-one"]);
+    let two = build_image(Format::Docker, &["m-two"]);
+    let fine = build_image(Format::Docker, &["m-fine"]);
+    reg.push("rev", "v1", &one);
+    reg.push("rev", "other", &two);
+    reg.push("fine", "1", &fine);
+    let v2 = reg.v2();
+    let bad_rev = revision_link_path(&v2, "rev", &two.digest);
+    fs::write(&bad_rev, "sha256:not-hex").unwrap();
+    reg.restart();
+
+    let out = dd_restart(&mut reg, &["rev:v1"]);
+    // Reported with its path; the registry's collector then refuses the whole tree.
+    out.assert_code(1)
+        .assert_stderr_has(&bad_rev.display().to_string())
+        .assert_stderr_has("garbage-collect failed");
+    assert_eq!(fs::read_to_string(&bad_rev).unwrap(), "sha256:not-hex");
+    assert_eq!(tag_current(&v2, "rev", "other"), two.digest);
+    assert_blobs_present(&v2, &two.blob_digests());
+    for d in layer_blobs(&two) {
+        assert!(layer_link_path(&v2, "rev", &d).is_file(), "layer link {d}");
+    }
+    assert_gone(&reg, "rev", "v1");
+    assert!(!revision_link_path(&v2, "rev", &one.digest).exists());
+    assert_pulls(&reg, "fine", "1");
 }
 
 #[test]
