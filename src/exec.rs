@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::plan::{Action, Check, Plan, Step};
 use crate::probe;
 use crate::service::Service;
-use crate::storage::{RepoName, Storage, layout};
+use crate::storage::{RepoName, Storage};
 
 /// How one step went.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -231,8 +231,20 @@ fn tree_step(storage: &Storage, step: &Step) -> StepResult {
         return StepResult::Failed(format!("{e:#}"));
     }
     let abs = storage.abs(path);
-    if step.action == Action::RemoveRepository {
-        return remove_repository(storage, path);
+    match step.action {
+        Action::RemoveRepository => return remove_repository(storage, path),
+        Action::RemoveEmptyDir => {
+            return match storage.remove_empty_dir(path) {
+                Ok(Some(crate::storage::Removed::Done)) => StepResult::Done(String::new()),
+                Ok(Some(crate::storage::Removed::AlreadyGone)) => StepResult::AlreadyGone,
+                Ok(None) => StepResult::Skipped(format!(
+                    "{} is not empty: something was written to it meanwhile",
+                    abs.display()
+                )),
+                Err(e) => StepResult::Failed(format!("{e:#}")),
+            };
+        }
+        _ => {}
     }
     if std::fs::symlink_metadata(&abs).is_err() {
         return StepResult::AlreadyGone;
@@ -259,22 +271,7 @@ fn tree_step(storage: &Storage, step: &Step) -> StepResult {
         }
     }
     match storage.remove_dir(path) {
-        Ok(crate::storage::Removed::Done) => {
-            // Leave no empty `revisions/sha256` or `_layers/sha256` behind; `tags/` stays, as the
-            // registry answers NAME_UNKNOWN for a repository without it.
-            let repo = step.repo.as_ref().map(layout::repo).unwrap_or_default();
-            let stop = match step.action {
-                Action::RemoveRevision => Some(repo.join("_manifests")),
-                Action::RemoveLayerLink => Some(repo),
-                _ => None,
-            };
-            if let (Some(stop), Some(parent)) = (stop, path.parent())
-                && let Err(e) = storage.remove_empty_upwards(parent, &stop)
-            {
-                return StepResult::Done(format!("(could not remove an emptied parent: {e:#})"));
-            }
-            StepResult::Done(String::new())
-        }
+        Ok(crate::storage::Removed::Done) => StepResult::Done(String::new()),
         Ok(crate::storage::Removed::AlreadyGone) => StepResult::AlreadyGone,
         Err(e) => StepResult::Failed(format!("{e:#}")),
     }

@@ -104,7 +104,7 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<Exit> {
                     if names.len() == 1 { "y" } else { "ies" }
                 )
             };
-            carry_out(out, &cfg, &storage, plan, &what)
+            carry_out(out, &cfg, &storage, plan, &what, false)
         }
         Some(Command::Gc) => {
             let cfg = config::resolve(&cli.global, Purpose::Modify)?;
@@ -118,7 +118,14 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<Exit> {
                 cfg.finish,
                 true,
             );
-            carry_out(out, &cfg, &storage, plan, "no image (collection only)")
+            carry_out(
+                out,
+                &cfg,
+                &storage,
+                plan,
+                "no image (collection only)",
+                false,
+            )
         }
         None => {
             if cli.references.is_empty() {
@@ -143,6 +150,7 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<Exit> {
                 out.problems(storage.v2(), &snap.problems);
                 snaps.push(snap);
             }
+            let unreadable = snaps.iter().any(|s| !s.problems.is_empty());
             let tree = match plan::build_delete_plan(&snaps, &refs) {
                 Ok(t) => t,
                 Err(errs) => {
@@ -163,7 +171,7 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<Exit> {
             };
             let plan = with_pending(pending, tree, cfg.finish);
             let refs: Vec<String> = cli.references.iter().map(|r| r.to_string()).collect();
-            carry_out(out, &cfg, &storage, plan, &refs.join(", "))
+            carry_out(out, &cfg, &storage, plan, &refs.join(", "), unreadable)
         }
     }
 }
@@ -236,8 +244,10 @@ fn carry_out(
     storage: &Storage,
     plan: Plan,
     what: &str,
+    unreadable: bool,
 ) -> Result<Exit> {
-    let had_problems = !plan.problems.is_empty();
+    // Something in the selected repositories could not be read: the job may be incomplete.
+    let had_problems = unreadable || !plan.problems.is_empty();
     if plan.steps.is_empty() {
         out.problems(storage.v2(), &plan.problems);
         out.success(format!("nothing to delete for {what}"));

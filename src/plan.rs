@@ -23,6 +23,9 @@ pub enum Action {
     RemoveRevision,
     /// Remove `_layers/sha256/<hex>/`.
     RemoveLayerLink,
+    /// Remove a directory the removals above leave empty (`_manifests/revisions`, `_layers`);
+    /// skipped if something was written to it meanwhile.
+    RemoveEmptyDir,
     /// Remove a whole repository (its `_manifests`, `_layers`, `_uploads`), then the parent
     /// directories left empty.
     RemoveRepository,
@@ -43,7 +46,11 @@ impl Action {
     pub fn is_tree_edit(self) -> bool {
         matches!(
             self,
-            Self::RemoveTag | Self::RemoveRevision | Self::RemoveLayerLink | Self::RemoveRepository
+            Self::RemoveTag
+                | Self::RemoveRevision
+                | Self::RemoveLayerLink
+                | Self::RemoveEmptyDir
+                | Self::RemoveRepository
         )
     }
 
@@ -54,6 +61,7 @@ impl Action {
             Self::RemoveTag => ("remove tag", "removed tag"),
             Self::RemoveRevision => ("remove revision", "removed revision"),
             Self::RemoveLayerLink => ("remove layer link", "removed layer link"),
+            Self::RemoveEmptyDir => ("remove empty dir", "removed empty dir"),
             Self::RemoveRepository => ("remove repository", "removed repository"),
             Self::GarbageCollect => ("garbage-collect", "garbage-collected"),
             Self::RemoveEmptyBlobDirs => ("remove empty blob dirs", "removed empty blob dirs"),
@@ -122,7 +130,7 @@ impl Step {
             ),
             (Action::RemoveRevision, _, Some(d)) => format!("{repo}@{}", d.short()),
             (Action::RemoveLayerLink, _, Some(d)) => format!("{repo} layer {}", d.short()),
-            (Action::RemoveRepository, _, _) => repo.to_string(),
+            (Action::RemoveRepository | Action::RemoveEmptyDir, _, _) => repo.to_string(),
             _ => String::new(),
         }
     }
@@ -564,6 +572,33 @@ fn plan_repo(
         }
     }
 
+    // Directories the removals leave empty; `_manifests/tags` stays, as the registry answers
+    // NAME_UNKNOWN for a repository without it.
+    let mut empty_dirs = Vec::new();
+    if !delete.is_empty() && snap.revisions.iter().all(|d| delete.contains_key(d)) {
+        for rel in ["_manifests/revisions/sha256", "_manifests/revisions"] {
+            empty_dirs.push(Step::tree(
+                Action::RemoveEmptyDir,
+                repo,
+                layout::repo(repo).join(rel),
+                None,
+                "no revision left".into(),
+            ));
+        }
+    }
+    if !layers.is_empty() && layers.len() == snap.layers.len() {
+        for rel in ["_layers/sha256", "_layers"] {
+            empty_dirs.push(Step::tree(
+                Action::RemoveEmptyDir,
+                repo,
+                layout::repo(repo).join(rel),
+                None,
+                "no layer link left".into(),
+            ));
+        }
+    }
+    layers.extend(empty_dirs);
+
     let mut checks = Vec::new();
     let tags = del_tags
         .iter()
@@ -597,7 +632,10 @@ fn plan_repo(
             )
         })
         .collect();
-    for s in &layers {
+    for s in layers
+        .iter()
+        .filter(|s| s.action == Action::RemoveLayerLink)
+    {
         checks.push(Check::BlobGone {
             repo: repo.clone(),
             digest: s.expect.clone().expect("layer steps carry a digest"),
@@ -679,6 +717,14 @@ pub fn ensure_valid_journal(journal: &Plan) -> Result<(), String> {
             (Action::RemoveRevision, Some(d)) => *path == layout::revision_dir(repo, d),
             (Action::RemoveLayerLink, Some(d)) => *path == layout::layer_dir(repo, d),
             (Action::RemoveRepository, None) => *path == layout::repo(repo),
+            (Action::RemoveEmptyDir, None) => [
+                "_manifests/revisions/sha256",
+                "_manifests/revisions",
+                "_layers/sha256",
+                "_layers",
+            ]
+            .iter()
+            .any(|rel| *path == layout::repo(repo).join(rel)),
             _ => false,
         };
         if !ok {

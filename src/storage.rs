@@ -941,6 +941,19 @@ impl Storage {
         }
     }
 
+    /// Removes `rel` if it is an empty directory: `Some(Done)`, `Some(AlreadyGone)` if missing,
+    /// `None` if it is not empty.
+    pub fn remove_empty_dir(&self, rel: &Path) -> Result<Option<Removed>> {
+        self.ensure_no_symlink(rel)?;
+        let abs = self.abs(rel);
+        match fs::remove_dir(&abs) {
+            Ok(()) => Ok(Some(Removed::Done)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Some(Removed::AlreadyGone)),
+            Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot remove {}", abs.display())),
+        }
+    }
+
     /// Removes `rel` if it is an empty directory, then each parent that becomes empty, stopping at
     /// `stop` (exclusive, tree-relative) and at the first parent that still holds anything.
     /// Returns the directories removed.
