@@ -156,7 +156,7 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
                             StepResult::Done(format!("{} blob(s) deleted", gc.deleted_blob_count()))
                         } else {
                             StepResult::Failed(format!(
-                                "the registry's garbage-collect failed: {}",
+                                "the registry's garbage-collect failed, so nothing was freed (it stops at the first manifest or link it cannot read; mend or remove what the warnings name, then run `docker-delete gc`): {}",
                                 gc.output
                                     .lines()
                                     .rev()
