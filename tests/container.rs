@@ -300,7 +300,20 @@ fn tree_of(scene: &Scene) -> TreeSnapshot {
 fn discovers_the_registry_with_no_environment_and_deletes() {
     require_docker!();
     let image = build_registry_image(REGISTRY2_CONFIG);
+    let busybox = build_busybox_image();
     let _lock = exclusive_lock();
+    // Neither a stopped registry nor a running non-registry container counts.
+    let stopped = RegistryContainer::start(&image, Storage::Inside);
+    docker_ok(&["stop", "-t", "10", &stopped.name]);
+    let _sleeper = RegistryContainer::run(
+        &busybox,
+        RunOptions {
+            publish: false,
+            seed: false,
+            wait: false,
+            ..RunOptions::new(Storage::Inside)
+        },
+    );
     let s = Scene::start(&image, Storage::BindMount);
     let before = s.started_at();
     let tree = tree_of(&s);
@@ -570,6 +583,74 @@ fn gc_subcommand_collects_cleans_and_restarts() {
     for (repo, tag, _, all) in s.images.kept() {
         s.assert_pulls(repo, tag, all);
     }
+}
+
+#[test]
+fn gc_subcommand_offline_collects_with_the_registry_stopped() {
+    require_docker!();
+    let image = build_registry_image(REGISTRY2_CONFIG);
+    let _lock = shared_lock();
+    let s = Scene::start(&image, Storage::NamedVolume);
+    let (_, blob_dir) = write_orphan_blob(&s.root, b"offline gc subcommand orphan");
+    let before = s.started_at();
+    let mut c = s.cmd();
+    c.args(["--offline", "gc", "-y"]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{r}");
+    for line in [
+        "stopped registry",
+        "garbage-collected: 1 blob(s) deleted",
+        "removed empty blob dirs",
+        "started registry",
+        "verified",
+    ] {
+        assert!(r.stderr.contains(line), "`{line}` not in:\n{r}");
+    }
+    assert!(!blob_dir.exists());
+    assert_eq!(s.reg.inspect("{{.State.Running}}"), "true");
+    assert_ne!(s.started_at(), before);
+    let helpers = docker_ok(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("label=docker-delete.role=garbage-collect {}", s.reg.name),
+        "--format",
+        "{{.Names}}",
+    ]);
+    assert_eq!(helpers, "", "helper containers left behind");
+    s.assert_pulls("app", "v1", false);
+    for (repo, tag, _, all) in s.images.kept() {
+        s.assert_pulls(repo, tag, all);
+    }
+}
+
+#[test]
+fn delete_repo_of_a_multi_platform_image() {
+    require_docker!();
+    let image = build_registry_image(REGISTRY2_CONFIG);
+    let _lock = shared_lock();
+    let s = Scene::start(&image, Storage::BindMount);
+    let mut c = s.cmd();
+    c.args(["delete-repo", "multi", "-y"]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{r}");
+    assert!(r.stderr.contains("removed repository multi"), "{r}");
+    assert!(r.stderr.contains("verified"), "{r}");
+    assert_eq!(status_manifest(&s.url, "multi", "1"), 404);
+    for child in &s.images.multi.children {
+        assert_eq!(status_manifest(&s.url, "multi", &child.digest), 404);
+    }
+    assert!(!s.v2().join("repositories/multi").exists());
+    let kept: BTreeSet<String> = [&s.images.v1, &s.images.v2, &s.images.other]
+        .iter()
+        .flat_map(|i| i.blob_digests())
+        .collect();
+    assert_eq!(blobs_on_disk(&s.v2()), kept);
+    for (repo, tag) in [("app", "v1"), ("app", "v2"), ("other", "1")] {
+        s.assert_pulls(repo, tag, false);
+    }
+    let empty = empty_dirs(&s.v2().join("blobs"));
+    assert!(empty.is_empty(), "empty dirs under blobs/: {empty:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
