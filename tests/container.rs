@@ -276,7 +276,7 @@ fn run_without_foreign_registries(
             .filter_map(|l| l.split_whitespace().next())
             .filter(|n| !mine.contains(n))
             .collect();
-        if !(ambiguous && !foreign.is_empty()) {
+        if !ambiguous || foreign.is_empty() {
             return Some(r);
         }
         if Instant::now() >= deadline {
