@@ -286,6 +286,9 @@ pub struct RunOptions {
     pub storage_root: String,
     /// Wait until `/v2/` answers.
     pub wait: bool,
+    /// With `publish`: let Docker pick the host port (`-p 127.0.0.1::5000`), which it may
+    /// change when the container restarts (see [`RegistryContainer::published_port`]).
+    pub ephemeral_port: bool,
 }
 
 impl RunOptions {
@@ -301,6 +304,7 @@ impl RunOptions {
             seed: true,
             storage_root: STORAGE_ROOT.to_string(),
             wait: true,
+            ephemeral_port: false,
         }
     }
 }
@@ -348,11 +352,13 @@ impl RegistryContainer {
         }
         let mut last_err = String::new();
         for _attempt in 0..5 {
-            let port = opts.publish.then(free_port);
+            let mut port = (opts.publish && !opts.ephemeral_port).then(free_port);
             let mut args: Vec<String> =
                 vec!["run".into(), "-d".into(), "--name".into(), name.clone()];
             if let Some(p) = port {
                 args.extend(["-p".into(), format!("127.0.0.1:{p}:5000")]);
+            } else if opts.publish {
+                args.extend(["-p".into(), "127.0.0.1::5000".into()]);
             }
             if let Some(m) = &mount {
                 args.extend(["-v".into(), m.clone()]);
@@ -368,6 +374,9 @@ impl RegistryContainer {
             let refs: Vec<&str> = args.iter().map(String::as_str).collect();
             let out = docker(&refs);
             if out.status.success() {
+                if opts.publish && port.is_none() {
+                    port = published_port_of(&name);
+                }
                 let c = Self {
                     name: name.clone(),
                     id: String::from_utf8_lossy(&out.stdout).trim().to_string(),
@@ -402,7 +411,13 @@ impl RegistryContainer {
         panic!("docker run {name} failed: {last_err}");
     }
 
-    /// `http://127.0.0.1:<port>` when published.
+    /// The host port Docker publishes 5000 on right now (it may differ from [`Self::port`]
+    /// after a restart when the port was ephemeral).
+    pub fn published_port(&self) -> Option<u16> {
+        published_port_of(&self.name)
+    }
+
+    /// `http://127.0.0.1:<port>` when published (the port as first published).
     pub fn endpoint(&self) -> Option<String> {
         self.port.map(|p| format!("http://127.0.0.1:{p}"))
     }
@@ -478,6 +493,14 @@ impl Drop for RegistryContainer {
             let _ = docker(&["volume", "rm", "-f", v]);
         }
     }
+}
+
+/// The host port of `container`'s `5000/tcp` binding on 127.0.0.1, from `docker port`.
+fn published_port_of(container: &str) -> Option<u16> {
+    let out = docker(&["port", container, "5000/tcp"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("127.0.0.1:")?.parse().ok())
 }
 
 /// Writes a blob that no manifest references under `root/docker/registry/v2/blobs`, returning
