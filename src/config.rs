@@ -168,9 +168,15 @@ pub fn resolve(g: &Global, purpose: Purpose) -> Result<Config> {
     let from_flag = g.registry_dir.clone();
     let root = match (&from_flag, &container) {
         (Some(dir), Some(c)) => {
-            if let Some(host) = &c.host_root
-                && !same_dir(dir, host)
-            {
+            let Some(host) = &c.host_root else {
+                bail!(
+                    "container {} keeps its storage ({}) inside the container, not in a host directory or volume, so {} (from --registry-dir or DOCKER_REGISTRY_DIR) is not its tree; refusing to work on the wrong tree",
+                    c.name,
+                    c.root_in_container,
+                    dir.display()
+                );
+            };
+            if !same_dir(dir, host) {
                 bail!(
                     "the storage root {} (from --registry-dir or DOCKER_REGISTRY_DIR) is not the directory container {} mounts at {} ({}); refusing to work on the wrong tree",
                     dir.display(),
@@ -224,6 +230,9 @@ pub fn resolve(g: &Global, purpose: Purpose) -> Result<Config> {
             ),
         },
     };
+
+    // `/srv/registry/` and `/srv/registry` are the same root; print it one way.
+    let root: PathBuf = root.components().collect();
 
     let endpoint = g
         .registry_url

@@ -268,6 +268,8 @@ fn carry_out(
     match cfg.confirm {
         Confirm::Yes => {
             if !out.json {
+                // Logs of unattended runs say what was acted on.
+                out.info(&header);
                 out.notes(&plan, storage.v2());
             }
         }
@@ -319,18 +321,7 @@ fn carry_out(
 }
 
 fn confirm_question(plan: &Plan) -> String {
-    let mut parts = Vec::new();
-    for (a, n) in [
-        (Action::RemoveRepository, "repositories"),
-        (Action::RemoveTag, "tags"),
-        (Action::RemoveRevision, "manifests"),
-        (Action::RemoveLayerLink, "layer links"),
-    ] {
-        let c = plan.count(a);
-        if c > 0 {
-            parts.push(format!("{c} {n}"));
-        }
-    }
+    let parts = output::tally(|a| plan.count(a));
     if parts.is_empty() {
         "Run garbage collection and restart the registry?".into()
     } else {

@@ -191,16 +191,7 @@ impl Output {
                 })
                 .count()
         };
-        let parts: Vec<String> = [
-            (Action::RemoveRepository, "repositories"),
-            (Action::RemoveTag, "tags"),
-            (Action::RemoveRevision, "manifests"),
-            (Action::RemoveLayerLink, "layer links"),
-        ]
-        .iter()
-        .filter(|(a, _)| count(*a) > 0)
-        .map(|(a, n)| format!("{} {n}", count(*a)))
-        .collect();
+        let parts = tally(count);
         let what = if parts.is_empty() {
             String::from("nothing deleted")
         } else {
@@ -229,6 +220,23 @@ impl Output {
             .interact_on(&console::Term::stderr())
             .unwrap_or(false)
     }
+}
+
+/// "1 tag, 3 manifests": how many of each kind of deletion, for the kinds that occur.
+pub fn tally(count: impl Fn(Action) -> usize) -> Vec<String> {
+    [
+        (Action::RemoveRepository, "repository", "repositories"),
+        (Action::RemoveTag, "tag", "tags"),
+        (Action::RemoveRevision, "manifest", "manifests"),
+        (Action::RemoveLayerLink, "layer link", "layer links"),
+    ]
+    .iter()
+    .filter_map(|&(a, one, many)| match count(a) {
+        0 => None,
+        1 => Some(format!("1 {one}")),
+        n => Some(format!("{n} {many}")),
+    })
+    .collect()
 }
 
 /// Bytes as a short human string (KiB, MiB, GiB).

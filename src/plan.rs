@@ -310,12 +310,14 @@ pub fn build_delete_plan(
     let mut tags_steps = Vec::new();
     let mut rev_steps = Vec::new();
     let mut layer_steps = Vec::new();
+    let mut empty_dir_steps = Vec::new();
     for (repo, (tags, digests)) in by_repo {
         let snap = snaps.iter().find(|s| s.repo() == repo).expect("present");
         let rp = plan_repo(snap, tags, digests);
         tags_steps.extend(rp.tags);
         rev_steps.extend(rp.revisions);
         layer_steps.extend(rp.layers);
+        empty_dir_steps.extend(rp.empty_dirs);
         plan.kept.extend(rp.kept);
         plan.problems.extend(rp.problems);
         plan.checks.extend(rp.checks);
@@ -325,6 +327,7 @@ pub fn build_delete_plan(
     plan.steps.extend(tags_steps);
     plan.steps.extend(rev_steps);
     plan.steps.extend(layer_steps);
+    plan.steps.extend(empty_dir_steps);
     Ok(plan)
 }
 
@@ -332,6 +335,7 @@ struct RepoPlan {
     tags: Vec<Step>,
     revisions: Vec<Step>,
     layers: Vec<Step>,
+    empty_dirs: Vec<Step>,
     kept: Vec<Kept>,
     problems: Vec<Problem>,
     checks: Vec<Check>,
@@ -597,7 +601,6 @@ fn plan_repo(
             ));
         }
     }
-    layers.extend(empty_dirs);
 
     let mut checks = Vec::new();
     let tags = del_tags
@@ -632,10 +635,7 @@ fn plan_repo(
             )
         })
         .collect();
-    for s in layers
-        .iter()
-        .filter(|s| s.action == Action::RemoveLayerLink)
-    {
+    for s in &layers {
         checks.push(Check::BlobGone {
             repo: repo.clone(),
             digest: s.expect.clone().expect("layer steps carry a digest"),
@@ -645,6 +645,7 @@ fn plan_repo(
         tags,
         revisions,
         layers,
+        empty_dirs,
         kept,
         problems,
         checks,

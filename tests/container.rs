@@ -238,7 +238,7 @@ fn assert_full_run(r: &Run, deleted_blobs: usize) {
     assert!(r.stderr.contains("removed empty blob dirs"), "{r}");
     assert!(r.stderr.contains("verified: "), "{r}");
     assert!(r.stderr.contains("deleted reference(s) answer 404"), "{r}");
-    assert!(r.stderr.contains("done: deleted 1 tags"), "{r}");
+    assert!(r.stderr.contains("done: deleted 1 tag"), "{r}");
     assert!(!r.stderr.contains("error:"), "{r}");
 }
 
@@ -897,7 +897,6 @@ fn storage_inside_the_container_is_refused() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "bug: verification probes the port published before the restart; Docker moves an ephemeral port (-p 127.0.0.1::5000, -P) on restart, so verify waits 30 s and fails, exit 1"]
 fn ephemeral_published_port_is_followed_across_the_restart() {
     require_docker!();
     let image = build_registry_image(REGISTRY2_CONFIG);
@@ -925,7 +924,6 @@ fn ephemeral_published_port_is_followed_across_the_restart() {
 }
 
 #[test]
-#[ignore = "bug: DOCKER_REGISTRY_DIR is accepted for a container that mounts nothing at its storage root; the tool edits that unrelated host tree, collects nothing in the container, verify fails, exit 1"]
 fn registry_dir_for_a_container_without_host_storage_is_refused() {
     require_docker!();
     let image = build_registry_image(REGISTRY2_CONFIG);
