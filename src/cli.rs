@@ -28,9 +28,10 @@ Environment:
 
 Exit codes:
   0    done, nothing to do, or a dry run
-  1    ran, but some steps failed (the summary says which)
-  2    refused before touching anything: usage, unknown repository/tag, config, Docker, confirmation, lock
-  130  interrupted";
+  1    ran, but a step failed or something could not be read (the output says what)
+  2    refused before touching anything (usage, unknown repository or tag,
+       config, Docker, no confirmation, another run holds the lock)
+  130  interrupted; the next run finishes the job";
 
 /// Delete images from a self-hosted Docker registry's storage, garbage-collect, and restart it.
 #[derive(Debug, Parser)]
@@ -38,6 +39,10 @@ Exit codes:
     name = "docker-delete",
     version,
     after_help = AFTER_HELP,
+    override_usage = "docker-delete [OPTIONS] REFERENCE...\n       \
+                      docker-delete [OPTIONS] ls [-q] [REPO]\n       \
+                      docker-delete [OPTIONS] delete-repo (REPO... | --all)\n       \
+                      docker-delete [OPTIONS] gc",
     subcommand_negates_reqs = true
 )]
 pub struct Cli {
