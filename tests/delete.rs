@@ -627,6 +627,44 @@ fn restart_cmd_verifies_and_a_repush_uploads_every_blob_again() {
     skopeo_pull(&reg.addr(), "app", "v1", false).unwrap();
 }
 
+/// A registry serving TLS with a certificate for its public name (as real ones do) is still
+/// verified on loopback: the probe reads status codes only.
+#[test]
+fn tls_registry_is_verified_over_https_on_loopback() {
+    let reg = ScriptRegistry::start();
+    let img = build_image(Format::Oci, &["tls-app"]);
+    let keep = build_image(Format::Oci, &["tls-keep"]);
+    reg.push("app", "v1", &img);
+    reg.push("app", "keep", &keep);
+
+    let (cert, key) = (reg.dir.join("cert.pem"), reg.dir.join("key.pem"));
+    let st = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=registry.example.com", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(st.success());
+    let mut config = fs::read_to_string(reg.config()).unwrap();
+    config.push_str(&format!(
+        "  tls:\n    certificate: '{}'\n    key: '{}'\n",
+        cert.display(),
+        key.display()
+    ));
+    fs::write(reg.config(), config).unwrap();
+    reg.restart();
+
+    let out = reg.dd(&reg.restart_cmd(), &["app:v1"]);
+    out.assert_ok()
+        .assert_stderr_has(&format!("verified: https://127.0.0.1:{}", reg.port));
+    assert_blobs_gone(&reg.v2(), &only_in(&img, &[&keep]));
+}
+
 #[test]
 fn verification_fails_when_the_restart_command_does_not_restart() {
     let reg = ScriptRegistry::start();
