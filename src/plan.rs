@@ -356,7 +356,7 @@ fn plan_repo(
     let mut kept = Vec::new();
     let current_of = |t: &Tag| snap.tags.get(t).and_then(|e| e.current.as_ref().ok());
 
-    let (delete, keep_reason, blocked) = loop {
+    let (delete, keep_reason, blocked, unlinked) = loop {
         // Candidates, each with the reason it became one.
         let mut cand: BTreeMap<Digest, String> = BTreeMap::new();
         for d in &digests {
@@ -455,12 +455,18 @@ fn plan_repo(
         }
 
         let mut delete: BTreeMap<Digest, String> = BTreeMap::new();
+        let mut unlinked: BTreeSet<Digest> = BTreeSet::new();
         for (d, why) in &cand {
             if keep.contains_key(d) {
                 continue;
             }
             if !snap.revisions.contains(d) {
-                continue; // no revision link to remove (already gone, or only in history)
+                // No revision link to remove (only in a tag's history, or removed earlier, for
+                // example through the registry's API): its layer links may still go.
+                if snap.manifest(d).is_some() {
+                    unlinked.insert(d.clone());
+                }
+                continue;
             }
             match snap.manifests.get(d) {
                 Some(Ok(m)) if m.kind == ManifestKind::Unknown => kept.push(Kept {
@@ -497,7 +503,7 @@ fn plan_repo(
                 .keys()
                 .filter_map(|d| keep.get(d).map(|w| (d.clone(), w.clone())))
                 .collect();
-            break (delete, keep_reason, blocked);
+            break (delete, keep_reason, blocked, unlinked);
         }
         for t in sig_tags {
             let d = t.signed_digest().expect("filtered");
@@ -523,7 +529,7 @@ fn plan_repo(
 
     // Layer links used only by deleted manifests.
     let mut layers = Vec::new();
-    if blocked.is_none() && !delete.is_empty() {
+    if blocked.is_none() && !(delete.is_empty() && unlinked.is_empty()) {
         let mut remaining: BTreeSet<Digest> = snap
             .revisions
             .iter()
@@ -557,7 +563,7 @@ fn plan_repo(
             });
         } else {
             let mut gone: BTreeMap<Digest, Digest> = BTreeMap::new();
-            for d in delete.keys() {
+            for d in delete.keys().chain(&unlinked) {
                 for b in snap.manifest(d).map(|m| m.blobs()).unwrap_or_default() {
                     gone.entry(b).or_insert_with(|| d.clone());
                 }
@@ -1028,6 +1034,20 @@ mod tests {
         let p = plan(&[s], &[&format!("app@{}", d(10))]);
         assert_eq!(of(&p, Action::RemoveTag), vec!["app:latest", "app:v1"]);
         assert_eq!(of(&p, Action::RemoveRevision), shorts(&[10]));
+    }
+
+    #[test]
+    fn layer_links_of_a_manifest_whose_revision_is_already_gone_are_removed() {
+        let mut s = Repo::new("app")
+            .manifest(10, image(1, &[2]))
+            .manifest(11, image(3, &[2]))
+            .tag("v1", 10, &[])
+            .tag("v2", 11, &[])
+            .0;
+        s.revisions.remove(&d(10));
+        let p = plan(&[s], &["app:v1"]);
+        assert!(of(&p, Action::RemoveRevision).is_empty());
+        assert_eq!(of(&p, Action::RemoveLayerLink), shorts(&[1]));
     }
 
     #[test]
