@@ -63,117 +63,137 @@ pub fn run(args: Vec<OsString>) -> Exit {
     }
 }
 
+/// What a modifying command asks for.
+enum Request<'a> {
+    /// Tags and manifests (the main form).
+    Refs(&'a [Reference]),
+    /// Whole repositories.
+    Repos(&'a [RepoName]),
+    /// Every repository.
+    AllRepos,
+    /// Collection only.
+    Gc,
+}
+
 fn dispatch(cli: &Cli, out: &Output) -> Result<Exit> {
     match &cli.command {
         Some(Command::Ls { repo, quiet }) => list(cli, out, repo.as_ref(), *quiet),
-        Some(Command::DeleteRepo { repos, all }) => {
-            let cfg = config::resolve(&cli.global, Purpose::Modify)?;
-            let storage = Storage::open(&cfg.root)?;
-            let _lock = storage.lock()?;
-            let pending = read_pending(&storage, out)?;
-            let names = if *all {
-                let (names, problems) = storage.list_repositories()?;
-                out.problems(storage.v2(), &problems);
-                names
-            } else {
-                let mut repos = repos.clone();
-                if let Some(p) = &pending {
-                    repos.retain(|r| {
-                        storage.repo_exists(r)
-                            || !plan::covered_by(p, &Reference::AllTags(r.clone()))
-                    });
-                }
-                ensure_repos_exist(&storage, &repos)?;
-                repos
-            };
-            let mut snaps = Vec::new();
-            for n in &names {
-                let snap = storage.read_repo(n)?;
-                // The whole repository goes, so what could not be read in it blocks nothing.
-                out.problems(storage.v2(), &snap.problems);
-                snaps.push(snap);
-            }
-            let tree = plan::build_repo_plan(&snaps);
-            let plan = with_pending(pending, tree, cfg.finish);
-            let what = if *all {
-                format!("every repository ({})", names.len())
-            } else {
-                format!(
-                    "{} repositor{}",
-                    names.len(),
-                    if names.len() == 1 { "y" } else { "ies" }
-                )
-            };
-            carry_out(out, &cfg, &storage, plan, &what, false)
+        Some(Command::DeleteRepo { repos, all: true }) if repos.is_empty() => {
+            modify(cli, out, Request::AllRepos)
         }
-        Some(Command::Gc) => {
-            let cfg = config::resolve(&cli.global, Purpose::Modify)?;
-            let storage = Storage::open(&cfg.root)?;
-            let _lock = storage.lock()?;
-            let pending = read_pending(&storage, out)?;
-            let plan = plan::finish_plan(
-                pending
-                    .map(|p| plan::resume(p, Plan::default()))
-                    .unwrap_or_default(),
-                cfg.finish,
-                true,
-            );
-            carry_out(
-                out,
-                &cfg,
-                &storage,
-                plan,
-                "no image (collection only)",
-                false,
-            )
+        Some(Command::DeleteRepo { repos, .. }) => modify(cli, out, Request::Repos(repos)),
+        Some(Command::Gc) => modify(cli, out, Request::Gc),
+        None if cli.references.is_empty() => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let _ = cmd.print_help();
+            Ok(Exit::Refused)
         }
-        None => {
-            if cli.references.is_empty() {
-                let mut cmd = <Cli as clap::CommandFactory>::command();
-                let _ = cmd.print_help();
-                return Ok(Exit::Refused);
-            }
-            let cfg = config::resolve(&cli.global, Purpose::Modify)?;
-            let storage = Storage::open(&cfg.root)?;
-            let _lock = storage.lock()?;
-            let pending = read_pending(&storage, out)?;
-            let mut refs = cli.references.clone();
-            // A reference an interrupted run already half-deleted is finished by its journal.
-            if let Some(p) = &pending {
-                refs.retain(|r| storage.repo_exists(r.repo()) || !plan::covered_by(p, r));
-            }
-            let repos: Vec<RepoName> = dedup(refs.iter().map(Reference::repo).cloned());
-            ensure_repos_exist(&storage, &repos)?;
-            let mut snaps = Vec::new();
-            for r in &repos {
-                let snap = storage.read_repo(r)?;
-                out.problems(storage.v2(), &snap.problems);
-                snaps.push(snap);
-            }
-            let unreadable = snaps.iter().any(|s| !s.problems.is_empty());
-            let tree = match plan::build_delete_plan(&snaps, &refs) {
-                Ok(t) => t,
-                Err(errs) => {
-                    let covered = |e: &plan::SelectError| {
-                        pending
-                            .as_ref()
-                            .is_some_and(|p| plan::covered_by(p, &e.reference()))
-                    };
-                    if errs.iter().all(covered) {
-                        refs.retain(|r| !errs.iter().any(|e| &e.reference() == r));
-                        plan::build_delete_plan(&snaps, &refs).map_err(refusal_of)?
-                    } else {
-                        return Err(
-                            refusal_of(errs.into_iter().filter(|e| !covered(e)).collect()).into(),
-                        );
-                    }
-                }
-            };
-            let plan = with_pending(pending, tree, cfg.finish);
-            let refs: Vec<String> = cli.references.iter().map(|r| r.to_string()).collect();
-            carry_out(out, &cfg, &storage, plan, &refs.join(", "), unreadable)
-        }
+        None => modify(cli, out, Request::Refs(&cli.references)),
     }
+}
+
+/// Every command that may change the tree: resolve, lock, read, plan (with what an interrupted
+/// run left), then show, confirm and execute.
+fn modify(cli: &Cli, out: &Output, request: Request<'_>) -> Result<Exit> {
+    let cfg = config::resolve(&cli.global, Purpose::Modify)?;
+    let storage = Storage::open(&cfg.root)?;
+    let _lock = storage.lock()?;
+    let pending = read_pending(&storage, out)?;
+    // A repository or reference an interrupted run already half-deleted is finished from its
+    // journal rather than refused as unknown.
+    let covered = |r: &Reference| pending.as_ref().is_some_and(|p| plan::covered_by(p, r));
+
+    let (mut refs, mut whole, what): (Vec<Reference>, Vec<RepoName>, String) = match request {
+        Request::Refs(refs) => {
+            let refs: Vec<Reference> = refs
+                .iter()
+                .filter(|r| storage.repo_exists(r.repo()) || !covered(r))
+                .cloned()
+                .collect();
+            let names: Vec<String> = refs.iter().map(|r| r.to_string()).collect();
+            (refs, Vec::new(), names.join(", "))
+        }
+        Request::Repos(repos) => {
+            let repos: Vec<RepoName> = repos
+                .iter()
+                .filter(|r| storage.repo_exists(r) || !covered(&Reference::AllTags((*r).clone())))
+                .cloned()
+                .collect();
+            let names: Vec<&str> = repos.iter().map(RepoName::as_str).collect();
+            let what = format!("repository {}", names.join(", "));
+            (Vec::new(), repos, what)
+        }
+        Request::AllRepos => {
+            let (names, problems) = storage.list_repositories()?;
+            out.problems(storage.v2(), &problems);
+            let what = format!("every repository ({})", names.len());
+            (Vec::new(), names, what)
+        }
+        Request::Gc => (Vec::new(), Vec::new(), "collection only".to_string()),
+    };
+    let named: Vec<RepoName> = dedup(refs.iter().map(|r| r.repo().clone()).chain(whole.clone()));
+    ensure_repos_exist(&storage, &named)?;
+    let pending_repos: Vec<RepoName> = pending
+        .iter()
+        .flat_map(|p| p.steps.iter().filter_map(|s| s.repo.clone()))
+        .filter(|r| storage.repo_exists(r))
+        .collect();
+
+    let mut snaps = Vec::new();
+    let mut unreadable = false;
+    for r in dedup(named.into_iter().chain(pending_repos)) {
+        let snap = storage.read_repo(&r)?;
+        out.problems(storage.v2(), &snap.problems);
+        // Unreadable entries matter where images are picked out, not where all of it goes.
+        unreadable |= !snap.problems.is_empty() && refs.iter().any(|x| *x.repo() == r);
+        snaps.push(snap);
+    }
+
+    let mut selections = match plan::select(&snaps, &refs) {
+        Ok(s) => s,
+        Err(errs) => {
+            let (done, unknown): (Vec<_>, Vec<_>) =
+                errs.into_iter().partition(|e| covered(&e.reference()));
+            if !unknown.is_empty() {
+                return Err(refusal_of(unknown).into());
+            }
+            refs.retain(|r| !done.iter().any(|e| &e.reference() == r));
+            plan::select(&snaps, &refs).map_err(refusal_of)?
+        }
+    };
+    let mut notes = Vec::new();
+    if let Some(p) = &pending {
+        let (sel, repos, n) = plan::pending_selections(p, &snaps);
+        for (repo, s) in sel {
+            let e = selections.entry(repo).or_default();
+            for (tag, why) in s.tags {
+                e.tags.entry(tag).or_insert(why);
+            }
+            e.digests.extend(s.digests);
+        }
+        whole.extend(repos);
+        notes = n;
+    }
+    let whole = dedup(whole.into_iter());
+    selections.retain(|repo, _| !whole.contains(repo));
+    let whole_snaps: Vec<_> = snaps
+        .iter()
+        .filter(|s| whole.contains(s.repo()))
+        .cloned()
+        .collect();
+    let mut tree = plan::join(
+        plan::plan_selections(&snaps, selections),
+        plan::build_repo_plan(&whole_snaps),
+    );
+    tree.problems.extend(notes);
+    let force = pending.is_some() || matches!(request, Request::Gc);
+    let plan = plan::finish_plan(tree, cfg.finish, force);
+    let what = if pending.is_some() {
+        format!("{what} and an interrupted run's remaining work")
+    } else {
+        what
+    };
+    carry_out(out, &cfg, &storage, plan, &what, unreadable)
 }
 
 fn refusal_of(errs: Vec<plan::SelectError>) -> Refusal {
@@ -185,7 +205,8 @@ fn refusal_of(errs: Vec<plan::SelectError>) -> Refusal {
     )
 }
 
-/// The journal of an interrupted run, if any; its steps are finished by this run.
+/// The journal of an interrupted run, if any; what it meant to do is planned again against the
+/// tree as it is now.
 fn read_pending(storage: &Storage, out: &Output) -> Result<Option<Plan>> {
     let Some(bytes) = storage.read_journal()? else {
         return Ok(None);
@@ -200,20 +221,10 @@ fn read_pending(storage: &Storage, out: &Output) -> Result<Option<Plan>> {
             ))
         })?;
     out.warn(format!(
-        "an earlier run was interrupted; its {} remaining step(s) from {} are finished first",
-        plan.steps.len(),
+        "an earlier run was interrupted ({}); what it had left to do is planned again and finished first",
         storage.journal_path().display()
     ));
     Ok(Some(plan))
-}
-
-fn with_pending(pending: Option<Plan>, tree: Plan, finish: plan::Finish) -> Plan {
-    let force = pending.is_some();
-    let tree = match pending {
-        Some(p) => plan::resume(p, tree),
-        None => tree,
-    };
-    plan::finish_plan(tree, finish, force)
 }
 
 fn dedup<T: Ord + Clone>(it: impl Iterator<Item = T>) -> Vec<T> {

@@ -242,27 +242,43 @@ impl SelectError {
     }
 }
 
-/// Plans the deletion of the referenced tags and manifests. `snaps` holds a snapshot of every
-/// repository named in `refs`.
+/// What goes in one repository: tags (each with its reason), and manifests that go unless
+/// something kept needs them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Tags to delete, with the reason.
+    pub tags: BTreeMap<Tag, String>,
+    /// Manifests to delete unless a kept tag, index or referrer needs them.
+    pub digests: BTreeSet<Digest>,
+}
+
+/// Selections by repository.
+pub type Selections = BTreeMap<RepoName, Selection>;
+
+/// Plans the deletion of the referenced tags and manifests.
 pub fn build_delete_plan(
     snaps: &[RepoSnapshot],
     refs: &[Reference],
 ) -> Result<Plan, Vec<SelectError>> {
-    let mut by_repo: BTreeMap<&RepoName, (BTreeMap<Tag, String>, BTreeSet<Digest>)> =
-        BTreeMap::new();
+    Ok(plan_selections(snaps, select(snaps, refs)?))
+}
+
+/// Resolves references against the snapshots (each repository named must have a snapshot).
+pub fn select(snaps: &[RepoSnapshot], refs: &[Reference]) -> Result<Selections, Vec<SelectError>> {
+    let mut by_repo = Selections::new();
     let mut errors = Vec::new();
     for r in refs {
         let Some(snap) = snaps.iter().find(|s| s.repo() == r.repo()) else {
             continue;
         };
-        let entry = by_repo.entry(snap.repo()).or_default();
+        let entry = by_repo.entry(snap.repo().clone()).or_default();
         match r {
             Reference::Tag(repo, tag) => {
                 if snap.tags.contains_key(tag) {
                     entry
-                        .0
+                        .tags
                         .entry(tag.clone())
-                        .or_insert_with(|| format!("selected ({r})"));
+                        .or_insert_with(|| format!("named as {r}"));
                 } else {
                     errors.push(SelectError::UnknownTag {
                         repo: repo.clone(),
@@ -276,9 +292,9 @@ pub fn build_delete_plan(
                 }
                 for tag in snap.tags.keys() {
                     entry
-                        .0
+                        .tags
                         .entry(tag.clone())
-                        .or_insert_with(|| format!("selected (every tag of {repo})"));
+                        .or_insert_with(|| format!("every tag of {repo}"));
                 }
             }
             Reference::Digest(repo, digest) => {
@@ -291,29 +307,37 @@ pub fn build_delete_plan(
                     });
                     continue;
                 }
-                entry.1.insert(digest.clone());
+                entry.digests.insert(digest.clone());
                 for (tag, t) in &snap.tags {
                     if t.current.as_ref() == Ok(digest) {
                         entry
-                            .0
+                            .tags
                             .entry(tag.clone())
-                            .or_insert_with(|| format!("points at selected {}", digest.short()));
+                            .or_insert_with(|| format!("points at named {}", digest.short()));
                     }
                 }
             }
         }
     }
-    if !errors.is_empty() {
-        return Err(errors);
+    if errors.is_empty() {
+        Ok(by_repo)
+    } else {
+        Err(errors)
     }
+}
+
+/// Plans the selections, repository by repository.
+pub fn plan_selections(snaps: &[RepoSnapshot], selections: Selections) -> Plan {
     let mut plan = Plan::default();
     let mut tags_steps = Vec::new();
     let mut rev_steps = Vec::new();
     let mut layer_steps = Vec::new();
     let mut empty_dir_steps = Vec::new();
-    for (repo, (tags, digests)) in by_repo {
-        let snap = snaps.iter().find(|s| s.repo() == repo).expect("present");
-        let rp = plan_repo(snap, tags, digests);
+    for (repo, sel) in selections {
+        let Some(snap) = snaps.iter().find(|s| *s.repo() == repo) else {
+            continue;
+        };
+        let rp = plan_repo(snap, sel.tags, sel.digests);
         tags_steps.extend(rp.tags);
         rev_steps.extend(rp.revisions);
         layer_steps.extend(rp.layers);
@@ -323,12 +347,27 @@ pub fn build_delete_plan(
         plan.checks.extend(rp.checks);
     }
     // Order across repositories: every tag first, then revisions, then layer links, so that an
-    // interruption at any point leaves unselected images intact and a re-run finishes the job.
+    // interruption at any point leaves unselected images intact.
     plan.steps.extend(tags_steps);
     plan.steps.extend(rev_steps);
     plan.steps.extend(layer_steps);
     plan.steps.extend(empty_dir_steps);
-    Ok(plan)
+    plan
+}
+
+/// Joins plans, keeping the order of actions (tags, revisions, layer links, empty directories,
+/// repositories) across them.
+pub fn join(mut a: Plan, b: Plan) -> Plan {
+    a.steps.extend(b.steps);
+    a.steps.sort_by_key(|s| s.action);
+    a.kept.extend(b.kept);
+    a.problems.extend(b.problems);
+    for c in b.checks {
+        if !a.checks.contains(&c) {
+            a.checks.push(c);
+        }
+    }
+    a
 }
 
 struct RepoPlan {
@@ -764,31 +803,75 @@ pub fn covered_by(pending: &Plan, r: &Reference) -> bool {
     })
 }
 
-/// Puts an interrupted run's pending tree steps before a new plan's, dropping duplicates, and
-/// keeps the order tags, revisions, layer links, repositories across both.
-pub fn resume(pending: Plan, new: Plan) -> Plan {
-    let mut steps: Vec<Step> = Vec::new();
-    for s in pending.steps.into_iter().chain(new.steps) {
-        if !steps
-            .iter()
-            .any(|t| t.action == s.action && t.path == s.path)
-        {
-            steps.push(s);
+/// Turns an interrupted run's journal into work checked against the tree as it is now: its tags
+/// that still point where they did, its manifests (which go only if nothing kept needs them, so an
+/// image pushed since is safe), and its repositories that have no tag again. Layer links and empty
+/// directories are planned anew from these. Returns the selections, the repositories to remove
+/// whole, and notes on what is no longer done.
+pub fn pending_selections(
+    pending: &Plan,
+    snaps: &[RepoSnapshot],
+) -> (Selections, Vec<RepoName>, Vec<Problem>) {
+    let mut sel = Selections::new();
+    let mut whole = Vec::new();
+    let mut notes = Vec::new();
+    for s in &pending.steps {
+        let (Some(repo), Some(path)) = (&s.repo, &s.path) else {
+            continue;
+        };
+        let Some(snap) = snaps.iter().find(|x| x.repo() == repo) else {
+            continue; // the repository is gone: nothing left to do there
+        };
+        match s.action {
+            Action::RemoveTag => {
+                let Some(tag) = path
+                    .file_name()
+                    .and_then(|f| f.to_str())
+                    .and_then(|t| Tag::parse(t).ok())
+                else {
+                    continue;
+                };
+                let Some(entry) = snap.tags.get(&tag) else {
+                    continue; // already removed
+                };
+                if entry.current.as_ref().ok() == s.expect.as_ref() {
+                    sel.entry(repo.clone())
+                        .or_default()
+                        .tags
+                        .insert(tag, "left by an interrupted run".into());
+                } else {
+                    notes.push(Problem {
+                        path: path.clone(),
+                        message: format!(
+                            "not deleted: an interrupted run meant to, but {repo}:{tag} was pushed again since"
+                        ),
+                    });
+                }
+            }
+            Action::RemoveRevision => {
+                if let Some(d) = &s.expect {
+                    sel.entry(repo.clone())
+                        .or_default()
+                        .digests
+                        .insert(d.clone());
+                }
+            }
+            Action::RemoveRepository => {
+                if snap.tags.is_empty() {
+                    whole.push(repo.clone());
+                } else {
+                    notes.push(Problem {
+                        path: path.clone(),
+                        message: format!(
+                            "not deleted: an interrupted run meant to, but {repo} has tags again; run `docker-delete delete-repo {repo}` if it should still go"
+                        ),
+                    });
+                }
+            }
+            _ => {}
         }
     }
-    steps.sort_by_key(|s| s.action);
-    let mut checks = pending.checks;
-    for c in new.checks {
-        if !checks.contains(&c) {
-            checks.push(c);
-        }
-    }
-    Plan {
-        steps,
-        checks,
-        kept: new.kept,
-        problems: new.problems,
-    }
+    (sel, whole, notes)
 }
 
 /// How the registry is driven after the tree edits.
@@ -1130,17 +1213,36 @@ mod tests {
             &Reference::parse("other:v1").unwrap()
         ));
 
-        let merged = resume(pending.clone(), plan(&[s], &["app:v1", "app:v2"]));
-        let actions: Vec<Action> = merged.steps.iter().map(|s| s.action).collect();
-        let mut sorted = actions.clone();
-        sorted.sort();
-        assert_eq!(actions, sorted);
-        assert_eq!(
-            merged.count(Action::RemoveTag),
-            2,
-            "no duplicate of the pending tag step"
+        // Replanned against the tree as it is now: the tag was removed before the interruption,
+        // and the same image was pushed again as v3 since. Nothing of it may go.
+        let mut now = s.clone();
+        now.tags.remove(&Tag::parse("v1").unwrap());
+        let (sel, whole, notes) = pending_selections(&pending, std::slice::from_ref(&now));
+        assert!(whole.is_empty() && notes.is_empty());
+        assert!(sel[&RepoName::parse("app").unwrap()].tags.is_empty());
+        let p = plan_selections(std::slice::from_ref(&now), sel.clone());
+        assert_eq!(of(&p, Action::RemoveRevision), shorts(&[10]), "{p:?}");
+        now.tags.insert(
+            Tag::parse("v3").unwrap(),
+            TagEntry {
+                current: Ok(d(10)),
+                history: vec![d(10)],
+            },
         );
-        assert_eq!(merged.count(Action::RemoveRevision), 2);
+        let p = plan_selections(std::slice::from_ref(&now), sel);
+        assert!(of(&p, Action::RemoveRevision).is_empty(), "{p:?}");
+        assert!(of(&p, Action::RemoveLayerLink).is_empty(), "{p:?}");
+
+        // A tag pushed again to another digest is not removed, and says so.
+        let mut moved = s.clone();
+        moved
+            .tags
+            .get_mut(&Tag::parse("v1").unwrap())
+            .unwrap()
+            .current = Ok(d(11));
+        let (sel, _, notes) = pending_selections(&pending, &[moved]);
+        assert!(sel[&RepoName::parse("app").unwrap()].tags.is_empty());
+        assert_eq!(notes.len(), 1);
     }
 
     #[test]

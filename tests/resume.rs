@@ -15,9 +15,9 @@ fn journal(v2: &Path) -> std::path::PathBuf {
     v2.join("docker-delete-journal.json")
 }
 
-/// Runs `docker-delete ... app:gone` with a restart command that takes long enough to be
+/// Runs `docker-delete ... <reference>` with a restart command that takes long enough to be
 /// interrupted, and sends SIGINT once the restart has begun. Returns the process output.
-fn run_and_interrupt(reg: &Registry, dir: &TestDir) -> std::process::Output {
+fn run_and_interrupt(reg: &Registry, dir: &TestDir, reference: &str) -> std::process::Output {
     let marker = dir.join("restart-begun");
     let restart_cmd = format!("touch '{}'; sleep 2", marker.display());
     let child = Command::new(assert_cmd::cargo::cargo_bin("docker-delete"))
@@ -25,7 +25,7 @@ fn run_and_interrupt(reg: &Registry, dir: &TestDir) -> std::process::Output {
         .arg(reg.root())
         .arg("--config")
         .arg(reg.config_path())
-        .args(["--restart-cmd", &restart_cmd, "-y", "app:gone"])
+        .args(["--restart-cmd", &restart_cmd, "-y", reference])
         .env_remove("DOCKER_REGISTRY_DIR")
         .env_remove("DOCKER_REGISTRY_CONTAINER_ID")
         .env("NO_COLOR", "1")
@@ -67,7 +67,7 @@ fn ctrl_c_exits_130_keeps_the_journal_and_the_next_run_finishes() {
     let v2 = reg.v2();
     let dir = TestDir::new();
 
-    let out = run_and_interrupt(&reg, &dir);
+    let out = run_and_interrupt(&reg, &dir, "app:gone");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "stderr:\n{stderr}");
     assert!(stderr.contains("interrupted"), "stderr:\n{stderr}");
@@ -148,4 +148,50 @@ fn unreadable_journal_refuses_and_changes_nothing() {
         "names the file: {stderr}"
     );
     before.assert_unchanged(&snapshot(reg.root()));
+}
+
+/// An interrupted run's journal is planned again against the tree as it is: an image pushed
+/// again since (under another tag) is not touched by the next, unrelated, run.
+#[test]
+fn a_journal_never_deletes_what_was_pushed_after_the_interruption() {
+    let mut reg = Registry::start();
+    let victim = build_image(Format::Oci, &["journal-victim"]);
+    let other = build_image(Format::Oci, &["journal-other"]);
+    reg.push("victim", "a", &victim);
+    reg.push("other", "1", &other);
+    let v2 = reg.v2();
+    let dir = TestDir::new();
+
+    let out = run_and_interrupt(&reg, &dir, "victim:a");
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(journal(&v2).is_file());
+
+    // The user changes their mind: the same image goes back in under another tag.
+    reg.restart();
+    reg.push("victim", "b", &victim);
+    reg.pull_verify("victim", "b").expect("pushed again");
+
+    let out = docker_delete()
+        .args(["--no-container", "--registry-dir"])
+        .arg(reg.root())
+        .arg("--config")
+        .arg(reg.config_path())
+        .args(["--no-restart", "-y", "other:1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(!journal(&v2).exists());
+
+    reg.restart();
+    assert_eq!(reg.status_manifest("other", "1"), 404);
+    reg.pull_verify("victim", "b").unwrap_or_else(|e| {
+        panic!("the image pushed after the interruption was damaged: {e}\n{stderr}")
+    });
+    reg.skopeo_pull("victim", "b", false).unwrap();
 }
