@@ -91,8 +91,9 @@ pub struct Global {
     #[arg(long, env = "DOCKER_REGISTRY_DIR", value_name = "DIR", global = true)]
     pub registry_dir: Option<PathBuf>,
 
-    /// The registry's config.yml (for garbage-collect, the storage root and its address).
-    #[arg(long, value_name = "PATH", global = true)]
+    /// The config.yml of a registry run on this host (for garbage-collect, the storage root and
+    /// its address); a container's config is read from the container.
+    #[arg(long, value_name = "PATH", global = true, conflicts_with = "container")]
     pub config: Option<PathBuf>,
 
     /// The registry container, by name or id prefix.

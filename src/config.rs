@@ -263,6 +263,7 @@ pub fn resolve(g: &Global, purpose: Purpose) -> Result<Config> {
             };
             let config_path = match &g.config {
                 Some(p) => p.clone(),
+                None if purpose == Purpose::Read => PathBuf::new(),
                 None => {
                     let tmp = write_gc_config(&root)?;
                     let p = tmp.to_path_buf();
@@ -286,8 +287,8 @@ pub fn resolve(g: &Global, purpose: Purpose) -> Result<Config> {
         verify: true,
     };
 
+    // Checked for dry runs too: a dry run shows what the real run would do.
     if purpose == Purpose::Modify
-        && !g.dry_run
         && let Registry::Local(l) = &registry
     {
         {
@@ -336,7 +337,8 @@ fn find_container(g: &Global) -> Result<Option<RegistryContainer>> {
     if let Some(spec) = &g.container {
         return Ok(Some(docker::find_registry(Some(spec))?));
     }
-    if g.restart_cmd.is_some() {
+    if g.restart_cmd.is_some() || g.config.is_some() {
+        // A registry run on this host: a container elsewhere is not the one meant.
         return Ok(None);
     }
     match docker::find_registry(None) {

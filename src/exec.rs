@@ -80,24 +80,17 @@ pub struct Context<'a> {
     pub interrupted: &'a AtomicBool,
 }
 
-/// Runs the plan's steps in order, calling `progress` after each.
+/// Runs the plan's steps in order, calling `progress` after each. The caller has written the
+/// plan's journal; it is removed here once every tree step was tried without interruption.
 pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outcome)) -> Report {
     let mut report = Report::default();
     let mut broken_repos: BTreeSet<RepoName> = BTreeSet::new();
     let mut stopped = false;
 
-    let mut journal_error: Option<String> = None;
-    let mut journaled = false;
+    // Whether any tree edit took effect (or had already, in an earlier interrupted run): if every
+    // one failed, collecting and restarting would only interrupt the registry for nothing.
+    let mut edited = !plan.edits_tree();
     for step in &plan.steps {
-        // Record the tree edits before the first one, so any later run can finish them.
-        if step.action.is_tree_edit() && !journaled {
-            journaled = true;
-            let bytes =
-                serde_json::to_vec_pretty(&crate::plan::journal_of(plan)).unwrap_or_default();
-            if let Err(e) = cx.storage.write_journal(&bytes) {
-                journal_error = Some(format!("{e:#}; no edit was made"));
-            }
-        }
         let interrupted = cx.interrupted.load(Ordering::SeqCst);
         // After an interruption only the step that brings a stopped registry back runs.
         if interrupted && !(stopped && step.action == Action::StartRegistry) {
@@ -108,19 +101,39 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
             continue;
         }
         let mut gc_output = None;
+        if !edited
+            && matches!(
+                step.action,
+                Action::GarbageCollect
+                    | Action::RemoveEmptyBlobDirs
+                    | Action::RestartRegistry
+                    | Action::Verify
+            )
+        {
+            let o = Outcome {
+                step: step.clone(),
+                result: StepResult::Skipped("no edit was made".into()),
+                gc_output: None,
+            };
+            progress(&o);
+            report.outcomes.push(o);
+            continue;
+        }
         let result = match step.action {
             a if a.is_tree_edit() => {
                 let repo = step.repo.clone().expect("tree steps name a repository");
-                if let Some(e) = &journal_error {
-                    StepResult::Failed(e.clone())
-                } else if broken_repos.contains(&repo) {
+                if broken_repos.contains(&repo) {
                     StepResult::Skipped(format!(
                         "an earlier step in {repo} failed, so this one could remove something still needed"
                     ))
                 } else {
                     let r = tree_step(cx.storage, step);
-                    if let StepResult::Failed(_) = &r {
-                        broken_repos.insert(repo);
+                    match &r {
+                        StepResult::Failed(_) => {
+                            broken_repos.insert(repo);
+                        }
+                        StepResult::Done(_) | StepResult::AlreadyGone => edited = true,
+                        StepResult::Skipped(_) => {}
                     }
                     r
                 }
@@ -154,6 +167,11 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
                         gc_output = Some(gc.output.clone());
                         if gc.success {
                             StepResult::Done(format!("{} blob(s) deleted", gc.deleted_blob_count()))
+                        } else if cx.interrupted.load(Ordering::SeqCst) {
+                            StepResult::Failed(
+                                "garbage-collect was interrupted; run `docker-delete gc` to collect"
+                                    .into(),
+                            )
                         } else {
                             StepResult::Failed(format!(
                                 "the registry's garbage-collect failed, so nothing was freed (it stops at the first manifest or link it cannot read; mend or remove what the warnings name, then run `docker-delete gc`): {}",
@@ -207,7 +225,7 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
         progress(&o);
         report.outcomes.push(o);
     }
-    if journaled && journal_error.is_none() && !report.interrupted {
+    if plan.edits_tree() && !report.interrupted {
         // Every tree step was tried; failures are reported, not retried forever.
         if let Err(e) = cx.storage.remove_journal() {
             report.outcomes.push(Outcome {

@@ -193,7 +193,9 @@ fn modify(cli: &Cli, out: &Output, request: Request<'_>) -> Result<Exit> {
     } else {
         what
     };
-    carry_out(out, &cfg, &storage, plan, &what, unreadable)
+    // Collection alone deletes no image (and an interrupted run's work was confirmed then).
+    let ask = !matches!(request, Request::Gc);
+    carry_out(out, &cfg, &storage, plan, &what, unreadable, ask)
 }
 
 fn refusal_of(errs: Vec<plan::SelectError>) -> Refusal {
@@ -256,6 +258,7 @@ fn carry_out(
     plan: Plan,
     what: &str,
     unreadable: bool,
+    ask: bool,
 ) -> Result<Exit> {
     // Something in the selected repositories could not be read: the job may be incomplete.
     let had_problems = unreadable || !plan.problems.is_empty();
@@ -276,7 +279,8 @@ fn carry_out(
         }
         return Ok(Exit::Ok);
     }
-    match cfg.confirm {
+    let confirm = if ask { cfg.confirm } else { Confirm::Yes };
+    match confirm {
         Confirm::Yes => {
             if !out.json {
                 // Logs of unattended runs say what was acted on.
@@ -299,12 +303,6 @@ fn carry_out(
         }
     }
 
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupted.clone();
-        // A second handler cannot be installed in the same process (tests call run twice).
-        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
-    }
     let needs_service = plan
         .steps
         .iter()
@@ -314,6 +312,29 @@ fn carry_out(
     } else {
         None
     };
+
+    // Record the tree edits before anything is touched, so that a later run can finish them if
+    // this one is interrupted. Also the first write: a tree this user cannot write is refused here.
+    let journal = if plan.edits_tree() {
+        let journal = serde_json::to_vec_pretty(&plan::journal_of(&plan))
+            .context("cannot serialise the journal")?;
+        storage.write_journal(&journal)
+    } else {
+        // An earlier run's journal whose work is all done.
+        storage.remove_journal()
+    };
+    journal.map_err(|e| {
+        Refusal(format!(
+            "cannot write to the storage tree, so nothing was changed: {e:#}"
+        ))
+    })?;
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        // Ctrl-C, SIGTERM and SIGHUP; a second handler cannot be installed in the same process.
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
     let cx = exec::Context {
         storage,
         service,

@@ -68,10 +68,9 @@ impl Output {
     }
 
     fn err_line(&self, line: impl Display) {
-        let mut err = io::stderr().lock();
-        if let Err(e) = writeln!(err, "{line}") {
-            quiet_on_broken_pipe(e);
-        }
+        // A closed stderr (`2>&1 | head -1`) must not stop a run halfway, least of all with the
+        // registry stopped: progress is dropped and the run goes on.
+        let _ = writeln!(io::stderr().lock(), "{line}");
     }
 
     /// An informational line on stderr.
@@ -199,7 +198,7 @@ impl Output {
         };
         let freed = report
             .freed_bytes
-            .map(|b| format!("; {} freed on disk", human_bytes(b)))
+            .map(|b| format!("; {} of blob data freed", human_bytes(b)))
             .unwrap_or_default();
         if report.interrupted {
             self.error(format!(

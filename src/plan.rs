@@ -129,7 +129,7 @@ impl Step {
                     .unwrap_or_default()
             ),
             (Action::RemoveRevision, _, Some(d)) => format!("{repo}@{}", d.short()),
-            (Action::RemoveLayerLink, _, Some(d)) => format!("{repo} layer {}", d.short()),
+            (Action::RemoveLayerLink, _, Some(d)) => format!("{repo} {}", d.short()),
             (Action::RemoveRepository | Action::RemoveEmptyDir, _, _) => repo.to_string(),
             _ => String::new(),
         }
@@ -149,7 +149,7 @@ pub struct Kept {
 
 impl fmt::Display for Kept {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{} kept: {}", self.repo, self.digest, self.reason)
+        write!(f, "{}@{}: {}", self.repo, self.digest.short(), self.reason)
     }
 }
 
@@ -707,13 +707,13 @@ pub fn build_repo_plan(snaps: &[RepoSnapshot]) -> Plan {
             repo,
             layout::repo(repo),
             None,
-            format!(
-                "{} tag(s), {} revision(s), {} layer link(s), {} upload(s)",
-                snap.tags.len(),
-                snap.revisions.len(),
-                snap.layers.len(),
-                snap.uploads.len()
-            ),
+            [
+                counted(snap.tags.len(), "tag", "tags"),
+                counted(snap.revisions.len(), "manifest", "manifests"),
+                counted(snap.layers.len(), "layer link", "layer links"),
+                counted(snap.uploads.len(), "upload", "uploads"),
+            ]
+            .join(", "),
         ));
         for tag in snap.tags.keys() {
             plan.checks.push(Check::ManifestGone {
@@ -872,6 +872,15 @@ pub fn pending_selections(
         }
     }
     (sel, whole, notes)
+}
+
+/// "1 tag", "2 tags".
+fn counted(n: usize, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {many}")
+    }
 }
 
 /// How the registry is driven after the tree edits.

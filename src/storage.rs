@@ -256,6 +256,14 @@ pub enum Reference {
 impl Reference {
     /// Parses `repo`, `repo:tag` or `repo@sha256:<hex>`.
     pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some((host, rest)) = s.split_once('/')
+            && host.contains(':')
+            && !rest.is_empty()
+        {
+            return Err(format!(
+                "`{s}` names a registry host (`{host}`); docker-delete works on the storage tree, so name the image without it: `{rest}`"
+            ));
+        }
         if let Some((repo, digest)) = s.split_once('@') {
             return Ok(Self::Digest(RepoName::parse(repo)?, Digest::parse(digest)?));
         }
@@ -1109,6 +1117,7 @@ mod tests {
             "app@sha256:12",
             "app@",
             "App:v1",
+            "localhost:5000/app:v1",
             "a//b:v1",
         ] {
             assert!(Reference::parse(bad).is_err(), "{bad}");

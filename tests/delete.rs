@@ -7,6 +7,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -113,9 +114,11 @@ fn dd_restart(reg: &mut Registry, args: &[&str]) -> Out {
     out
 }
 
-/// docker-delete with the local options but nothing else (no `-y`, no `--no-restart`).
+/// docker-delete with the local options and `--no-restart` (the test's registry cannot be
+/// restarted by the tool), but no `-y`.
 fn dd_bare(reg: &Registry, args: &[&str]) -> Out {
     let mut a = local_opts(reg.root(), reg.config_path());
+    a.push("--no-restart".into());
     a.extend(strings(args));
     run(&a)
 }
@@ -1357,4 +1360,116 @@ fn ls_lists_repositories_and_tags_as_text_and_json() {
         .assert_code(2)
         .assert_stderr_has("docker-delete ls");
     snapshot(reg.root()).assert_unchanged(&before);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refusing early, and finishing what was started
+// ---------------------------------------------------------------------------------------------
+
+/// A dry run shows what the real run would do, so it refuses what the real run refuses.
+#[test]
+fn dry_run_refuses_what_the_real_run_refuses() {
+    let reg = Registry::start();
+    reg.push("app", "v1", &build_image(Format::Oci, &["dr-refuse"]));
+    let mut a = local_opts(reg.root(), reg.config_path());
+    a.extend(strings(&["-n", "app:v1"]));
+    run(&a)
+        .assert_code(2)
+        .assert_stderr_has("no way to restart the registry");
+}
+
+/// Collection alone deletes no image: cron can run it with no terminal and no `--yes`.
+#[test]
+fn gc_needs_no_confirmation() {
+    let reg = Registry::start();
+    reg.push("app", "v1", &build_image(Format::Oci, &["gc-noconfirm"]));
+    dd_bare(&reg, &["gc"])
+        .assert_ok()
+        .assert_stderr_has("garbage-collected");
+    assert_pulls(&reg, "app", "v1");
+}
+
+/// A tree this user cannot write is refused before anything runs: no collection, no restart.
+#[test]
+fn unwritable_tree_is_refused_before_the_registry_is_touched() {
+    let reg = ScriptRegistry::start();
+    reg.push("app", "v1", &build_image(Format::Oci, &["ro-one"]));
+    reg.push("app", "v2", &build_image(Format::Oci, &["ro-two"]));
+    // Let an unprivileged user read (not write) the test's files.
+    fs::set_permissions(reg.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let restarts = reg.restarts();
+    let before = snapshot(&reg.root());
+
+    let mut args: Vec<String> = strings(&["--reuid", "nobody", "--regid", "nogroup"]);
+    args.push("--clear-groups".into());
+    args.push(
+        assert_cmd::cargo::cargo_bin("docker-delete")
+            .display()
+            .to_string(),
+    );
+    args.extend(local_opts(&reg.root(), &reg.config()));
+    args.extend(strings(&[
+        "-y",
+        "--restart-cmd",
+        &reg.restart_cmd(),
+        "app:v1",
+    ]));
+    let out = Command::new("setpriv")
+        .args(&args)
+        .env("NO_COLOR", "1")
+        .env_remove("DOCKER_REGISTRY_DIR")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("cannot write to the storage tree"),
+        "stderr:\n{stderr}"
+    );
+    assert_eq!(reg.restarts(), restarts, "the registry was not restarted");
+    snapshot(&reg.root()).assert_unchanged(&before);
+}
+
+/// A closed stderr (`2>&1 | head -1`) must not stop a run halfway.
+#[test]
+fn a_closed_output_pipe_does_not_stop_the_run() {
+    let reg = ScriptRegistry::start();
+    let one = build_image(Format::Oci, &["pipe-one"]);
+    reg.push("app", "v1", &one);
+    reg.push("app", "v2", &build_image(Format::Oci, &["pipe-two"]));
+    let restarts = reg.restarts();
+    let mut cmd = format!(
+        "'{}'",
+        assert_cmd::cargo::cargo_bin("docker-delete").display()
+    );
+    for a in local_opts(&reg.root(), &reg.config()) {
+        cmd.push_str(&format!(" '{a}'"));
+    }
+    cmd.push_str(&format!(
+        " -y --restart-cmd \"{}\" app:v1 2>&1 | head -c 1 >/dev/null",
+        reg.restart_cmd()
+    ));
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(&cmd)
+        .env("NO_COLOR", "1")
+        .env_remove("DOCKER_REGISTRY_DIR")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // `head` exits first; the run itself goes on to the end.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reg.restarts() == restarts || reg.v2().join("docker-delete-journal.json").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the run stopped halfway: {}",
+            reg.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!revision_link_path(&reg.v2(), "app", &one.digest).exists());
+    assert_blobs_gone(&reg.v2(), &one.blob_digests());
+    assert_eq!(status_manifest(&reg.url(), "app", "v1"), 404);
+    pull_verify(&reg.url(), "app", "v2").unwrap();
 }
