@@ -164,6 +164,12 @@ fn modify(cli: &Cli, out: &Output, request: Request<'_>) -> Result<Exit> {
     let mut notes = Vec::new();
     if let Some(p) = &pending {
         let (sel, repos, n) = plan::pending_selections(p, &snaps);
+        // Manifests the interrupted run already unlinked: their layer links may still be due.
+        for snap in &mut snaps {
+            if let Some(s) = sel.get(snap.repo()) {
+                storage.read_manifests_into(snap, s.digests.iter().cloned().collect());
+            }
+        }
         for (repo, s) in sel {
             let e = selections.entry(repo).or_default();
             for (tag, why) in s.tags {

@@ -815,11 +815,19 @@ impl Storage {
             .collect();
 
         // Manifests named by revisions and tags, and their children.
-        let mut queue: Vec<Digest> = snap.revisions.iter().cloned().collect();
+        let mut named: Vec<Digest> = snap.revisions.iter().cloned().collect();
         for t in snap.tags.values() {
-            queue.extend(t.current.iter().cloned());
-            queue.extend(t.history.iter().cloned());
+            named.extend(t.current.iter().cloned());
+            named.extend(t.history.iter().cloned());
         }
+        self.read_manifests_into(&mut snap, named);
+        Ok(snap)
+    }
+
+    /// Reads the manifests of `digests` (and their children and subjects) into the snapshot,
+    /// for digests it does not name any more, such as those an interrupted run unlinked.
+    pub fn read_manifests_into(&self, snap: &mut RepoSnapshot, digests: Vec<Digest>) {
+        let mut queue = digests;
         while let Some(d) = queue.pop() {
             if snap.manifests.contains_key(&d) {
                 continue;
@@ -831,7 +839,6 @@ impl Storage {
             }
             snap.manifests.insert(d, m);
         }
-        Ok(snap)
     }
 
     /// Reads and parses the manifest blob of `d`.

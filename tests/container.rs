@@ -475,6 +475,58 @@ fn offline_stops_collects_in_a_one_shot_container_and_starts() {
     s.assert_v1_deleted();
 }
 
+/// SIGTERM (what `timeout`, systemd or a dropped session send) while the registry is stopped:
+/// the registry is started again, the run exits 130, and the next run finishes the job.
+#[test]
+fn sigterm_during_offline_run_starts_the_registry_again() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    require_docker!();
+    let image = build_registry_image(REGISTRY2_CONFIG);
+    let _lock = shared_lock();
+    let s = Scene::start(&image, Storage::BindMount);
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("docker-delete"))
+        .args(["--container", &s.reg.name, "--offline", "-y", "app:v1"])
+        .env_remove("DOCKER_REGISTRY_DIR")
+        .env_remove("DOCKER_REGISTRY_CONTAINER_ID")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("the run ended before stopping the registry:\n{seen}");
+        }
+        seen.push_str(&line);
+        if line.contains("stopped registry") {
+            break;
+        }
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    seen.push_str(&rest);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(seen.contains("started registry"), "{seen}");
+    assert_eq!(s.reg.inspect("{{.State.Running}}"), "true", "{seen}");
+
+    // Whatever was left undone, the next run finishes it.
+    let mut c = s.cmd();
+    c.args(["-y", "gc"]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{r}");
+    s.assert_v1_deleted();
+}
+
 #[test]
 fn named_volume_registry_deletes() {
     require_docker!();

@@ -195,3 +195,62 @@ fn a_journal_never_deletes_what_was_pushed_after_the_interruption() {
     });
     reg.skopeo_pull("victim", "b", false).unwrap();
 }
+
+/// Interrupted after the revision link went but before the layer links did: the next run still
+/// removes the layer links (reading the manifest the revision no longer names).
+#[test]
+fn journal_finishes_layer_links_after_the_revision_was_removed() {
+    let mut reg = Registry::start();
+    let keep = build_image(Format::Docker, &["late-base", "late-keep"]);
+    let gone = build_image(Format::Docker, &["late-base", "late-gone"]);
+    reg.push("app", "keep", &keep);
+    reg.push("app", "gone", &gone);
+    let v2 = reg.v2();
+    let dir = TestDir::new();
+
+    let out = run_and_interrupt(&reg, &dir, "app:gone");
+    assert_eq!(out.status.code(), Some(130));
+    assert!(journal(&v2).is_file());
+
+    // Bring back the blobs and layer links, but not the revision link or the tag: the state an
+    // interruption between the revision step and the layer-link steps leaves.
+    reg.restart();
+    reg.push_untagged("app", &gone);
+    fs::remove_dir_all(
+        revision_link_path(&v2, "app", &gone.digest)
+            .parent()
+            .unwrap(),
+    )
+    .unwrap();
+    let linked = |i: &Image| -> BTreeSet<String> {
+        i.layer_digests()
+            .into_iter()
+            .chain(i.config_digest().map(str::to_string))
+            .collect()
+    };
+    let unique: BTreeSet<String> = linked(&gone).difference(&linked(&keep)).cloned().collect();
+    assert!(!unique.is_empty());
+    for d in &unique {
+        assert!(layer_link_path(&v2, "app", d).is_file());
+    }
+
+    let out = docker_delete()
+        .args(["--no-container", "--registry-dir"])
+        .arg(reg.root())
+        .arg("--config")
+        .arg(reg.config_path())
+        .args(["--no-restart", "-y", "gc"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    for d in &unique {
+        assert!(
+            !layer_link_path(&v2, "app", d).exists(),
+            "layer link {d} left behind:\n{stderr}"
+        );
+        assert!(!blob_path(&v2, d).exists(), "blob {d} not collected");
+    }
+    reg.restart();
+    reg.pull_verify("app", "keep").unwrap();
+}
