@@ -766,46 +766,21 @@ impl Storage {
                 });
             }
             let index_rel = layout::tag_dir(name, &tag).join("index/sha256");
-            let mut history = Vec::new();
-            for (hex, _) in self.list_dir(&index_rel, &mut snap.problems) {
-                let link = index_rel.join(&hex).join("link");
-                match (Digest::from_hex(&hex), self.read_link(&link)) {
-                    (Ok(d), Ok(l)) if d == l => history.push(d),
-                    (Ok(_), Ok(l)) => snap.problems.push(Problem {
-                        path: link,
-                        message: format!("names {l}, not the digest of its directory"),
-                    }),
-                    (Err(e), _) | (_, Err(e)) => snap.problems.push(Problem {
-                        path: link,
-                        message: e,
-                    }),
-                }
-            }
+            let history = self.read_link_dir(&index_rel, &mut snap.problems);
             snap.tags.insert(tag, TagEntry { current, history });
         }
 
         // Revisions and layer links: `<dir>/sha256/<hex>/link`.
-        for (dir, set) in [
-            (manifests_rel.join("revisions/sha256"), &mut snap.revisions),
-            (repo_rel.join("_layers/sha256"), &mut snap.layers),
-        ] {
-            for (hex, _) in self.list_dir(&dir, &mut snap.problems) {
-                let link = dir.join(&hex).join("link");
-                match (Digest::from_hex(&hex), self.read_link(&link)) {
-                    (Ok(d), Ok(l)) if d == l => {
-                        set.insert(d);
-                    }
-                    (Ok(_), Ok(l)) => snap.problems.push(Problem {
-                        path: link,
-                        message: format!("names {l}, not the digest of its directory"),
-                    }),
-                    (Err(e), _) | (_, Err(e)) => snap.problems.push(Problem {
-                        path: link,
-                        message: e,
-                    }),
-                }
-            }
-        }
+        let revisions_rel = manifests_rel.join("revisions/sha256");
+        snap.revisions = self
+            .read_link_dir(&revisions_rel, &mut snap.problems)
+            .into_iter()
+            .collect();
+        let layers_rel = repo_rel.join("_layers/sha256");
+        snap.layers = self
+            .read_link_dir(&layers_rel, &mut snap.problems)
+            .into_iter()
+            .collect();
 
         // Uploads.
         snap.uploads = self
@@ -822,6 +797,27 @@ impl Storage {
         }
         self.read_manifests_into(&mut snap, named);
         Ok(snap)
+    }
+
+    /// The digests of a `sha256/<hex>/link` directory (tag history, revisions, layer links):
+    /// each link must name the digest of its own directory; anything else is a problem.
+    fn read_link_dir(&self, dir: &Path, problems: &mut Vec<Problem>) -> Vec<Digest> {
+        let mut out = Vec::new();
+        for (hex, _) in self.list_dir(dir, problems) {
+            let link = dir.join(&hex).join("link");
+            match (Digest::from_hex(&hex), self.read_link(&link)) {
+                (Ok(d), Ok(l)) if d == l => out.push(d),
+                (Ok(_), Ok(l)) => problems.push(Problem {
+                    path: link,
+                    message: format!("names {l}, not the digest of its directory"),
+                }),
+                (Err(e), _) | (_, Err(e)) => problems.push(Problem {
+                    path: link,
+                    message: e,
+                }),
+            }
+        }
+        out
     }
 
     /// Reads the manifests of `digests` (and their children and subjects) into the snapshot,
