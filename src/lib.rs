@@ -378,6 +378,15 @@ struct TagRow<'a> {
 fn list(cli: &Cli, out: &Output, repo: Option<&RepoName>, quiet: bool) -> Result<Exit> {
     let cfg = config::resolve(&cli.global, Purpose::Read)?;
     let storage = Storage::open(&cfg.root)?;
+    if !out.json && !quiet {
+        // On stderr: which registry this is, without disturbing the list on stdout.
+        let what = repo.map_or("Repositories".to_string(), |r| format!("Tags of {r}"));
+        out.info(format!(
+            "{what} in {} ({}):",
+            storage.root().display(),
+            cfg.describe_registry()
+        ));
+    }
     match repo {
         None => {
             let (names, problems) = storage.list_repositories()?;
