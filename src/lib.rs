@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod docker;
 pub mod exec;
+pub mod gc;
 pub mod output;
 pub mod plan;
 pub mod probe;
@@ -193,7 +194,10 @@ fn modify(cli: &Cli, out: &Output, request: Request<'_>) -> Result<Exit> {
     );
     tree.problems.extend(notes);
     let force = pending.is_some() || matches!(request, Request::Gc);
-    let plan = plan::finish_plan(tree, cfg.finish, force);
+    let mut plan = plan::finish_plan(tree, cfg.finish, force);
+    if plan.count(Action::GarbageCollect) > 0 {
+        plan.freed = estimate_freed(&storage, &snaps, &plan, out)?;
+    }
     let what = if pending.is_some() {
         format!("{what} and an interrupted run's remaining work")
     } else {
@@ -202,6 +206,33 @@ fn modify(cli: &Cli, out: &Output, request: Request<'_>) -> Result<Exit> {
     // Collection alone deletes no image (and an interrupted run's work was confirmed then).
     let ask = !matches!(request, Request::Gc);
     carry_out(out, &cfg, &storage, plan, &what, unreadable, ask)
+}
+
+/// What the plan's collection will free, marking every repository as the registry's collector
+/// does. `None`, with a warning, where the collector itself would stop.
+fn estimate_freed(
+    storage: &Storage,
+    read: &[storage::RepoSnapshot],
+    plan: &Plan,
+    out: &Output,
+) -> Result<Option<gc::Freed>> {
+    let (names, _) = storage.list_repositories()?;
+    let mut snaps: Vec<storage::RepoSnapshot> = Vec::with_capacity(names.len());
+    for name in names {
+        match read.iter().find(|s| *s.repo() == name) {
+            Some(s) => snaps.push(s.clone()),
+            None => snaps.push(storage.read_repo(&name)?),
+        }
+    }
+    match gc::freed_by(&snaps, &storage.list_blobs()?, plan) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) => {
+            out.warn(format!(
+                "the registry's garbage collector will stop at {e}; nothing will be freed until that is mended"
+            ));
+            Ok(None)
+        }
+    }
 }
 
 fn refusal_of(errs: Vec<plan::SelectError>) -> Refusal {
@@ -360,10 +391,14 @@ fn carry_out(
 
 fn confirm_question(plan: &Plan) -> String {
     let parts = output::tally(|a| plan.count(a));
+    let frees = plan
+        .freed
+        .map(|f| format!(" (frees {})", output::human_bytes(f.bytes)))
+        .unwrap_or_default();
     if parts.is_empty() {
-        "Run garbage collection and restart the registry?".into()
+        format!("Run garbage collection and restart the registry{frees}?")
     } else {
-        format!("Delete {}?", parts.join(", "))
+        format!("Delete {}{frees}?", parts.join(", "))
     }
 }
 

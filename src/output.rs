@@ -136,6 +136,16 @@ impl Output {
         for k in &plan.kept {
             self.info(format!("     keep {k}"));
         }
+        if let Some(f) = plan.freed {
+            self.info(format!(
+                "     garbage collection will free {} ({})",
+                match f.blobs {
+                    1 => "1 blob".to_string(),
+                    n => format!("{n} blobs"),
+                },
+                human_bytes(f.bytes)
+            ));
+        }
         self.problems(v2, &plan.problems);
     }
 

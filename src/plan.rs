@@ -184,6 +184,9 @@ pub struct Plan {
     pub problems: Vec<Problem>,
     /// Requests that must answer 404 once the registry is back.
     pub checks: Vec<Check>,
+    /// What garbage collection will free once the edits are done, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freed: Option<crate::gc::Freed>,
 }
 
 impl Plan {

@@ -1033,6 +1033,36 @@ impl Storage {
         Ok(removed)
     }
 
+    /// Every blob on disk (`blobs/sha256/<2>/<hex>/data`) with its size.
+    pub fn list_blobs(&self) -> Result<Vec<(Digest, u64)>> {
+        let base = self.v2.join("blobs/sha256");
+        let mut out = Vec::new();
+        let read = |p: &Path| -> Result<Vec<fs::DirEntry>> {
+            match fs::read_dir(p) {
+                Ok(rd) => Ok(rd.flatten().collect()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+                Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
+            }
+        };
+        for prefix in read(&base)? {
+            if !prefix.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            for blob in read(&prefix.path())? {
+                let name = blob.file_name();
+                let Ok(d) = Digest::from_hex(&name.to_string_lossy()) else {
+                    continue;
+                };
+                if let Ok(m) = fs::symlink_metadata(blob.path().join("data"))
+                    && m.is_file()
+                {
+                    out.push((d, m.len()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Total size of the files below a tree-relative directory (not following links).
     pub fn size_below(&self, rel: &Path) -> u64 {
         walkdir::WalkDir::new(self.abs(rel))

@@ -1473,3 +1473,42 @@ fn a_closed_output_pipe_does_not_stop_the_run() {
     assert_eq!(status_manifest(&reg.url(), "app", "v1"), 404);
     pull_verify(&reg.url(), "app", "v2").unwrap();
 }
+
+/// The plan says, before anything runs, exactly how many blobs and bytes collection frees.
+#[test]
+fn the_plan_says_exactly_what_collection_frees() {
+    let mut reg = rich_registry();
+    let v2 = reg.v2();
+    // Garbage from before (an aborted upload's blob, say) is freed too, and counted.
+    let stray = push_blob(&reg.url(), "app", b"a blob no manifest references").unwrap();
+    let refs = ["app:v1", "app:v2", "team/multi:ab"];
+    let mut args = vec!["--dry-run", "--json"];
+    args.extend(refs);
+    let dry = dd_bare(&reg, &args);
+    dry.assert_ok();
+    let plan: Value = serde_json::from_str(&dry.stdout).unwrap();
+    let (blobs, bytes) = (
+        plan["freed"]["blobs"].as_u64().unwrap(),
+        plan["freed"]["bytes"].as_u64().unwrap(),
+    );
+
+    let size = |d: &String| fs::metadata(blob_path(&v2, d)).unwrap().len();
+    let before: Vec<(String, u64)> = blobs_on_disk(&v2)
+        .into_iter()
+        .map(|d| {
+            let s = size(&d);
+            (d, s)
+        })
+        .collect();
+    dd_restart(&mut reg, &refs).assert_ok();
+    let after = blobs_on_disk(&v2);
+    let gone: Vec<&(String, u64)> = before.iter().filter(|(d, _)| !after.contains(d)).collect();
+    assert!(gone.iter().any(|(d, _)| *d == stray), "the stray blob went");
+    assert!(gone.len() > 3, "{gone:?}");
+    assert_eq!(gone.len() as u64, blobs, "blobs freed");
+    assert_eq!(
+        gone.iter().map(|(_, s)| s).sum::<u64>(),
+        bytes,
+        "bytes freed"
+    );
+}
