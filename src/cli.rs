@@ -93,7 +93,7 @@ pub struct Global {
 
     /// The config.yml of a registry run on this host (for garbage-collect, the storage root and
     /// its address); a container's config is read from the container.
-    #[arg(long, value_name = "PATH", global = true, conflicts_with = "container")]
+    #[arg(long, value_name = "PATH", global = true)]
     pub config: Option<PathBuf>,
 
     /// The registry container, by name or id prefix.

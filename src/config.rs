@@ -335,6 +335,12 @@ fn find_container(g: &Global) -> Result<Option<RegistryContainer>> {
         return Ok(None);
     }
     if let Some(spec) = &g.container {
+        if let Some(config) = &g.config {
+            bail!(
+                "--config {} names a registry run on this host, but a container is named too ({spec}, by --container or DOCKER_REGISTRY_CONTAINER_ID); give one or the other",
+                config.display()
+            );
+        }
         return Ok(Some(docker::find_registry(Some(spec))?));
     }
     if g.restart_cmd.is_some() || g.config.is_some() {

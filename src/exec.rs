@@ -90,7 +90,10 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
     // Whether any tree edit took effect (or had already, in an earlier interrupted run): if every
     // one failed, collecting and restarting would only interrupt the registry for nothing.
     let mut edited = !plan.edits_tree();
-    for step in &plan.steps {
+    // Index of the current step among the tree edits, as the journal lists them.
+    let mut tree_index = 0;
+    for (step, index) in plan.steps.iter().zip(tree_indices(plan)) {
+        tree_index = index.unwrap_or(tree_index);
         let interrupted = cx.interrupted.load(Ordering::SeqCst);
         // After an interruption only the step that brings a stopped registry back runs.
         if interrupted && !(stopped && step.action == Action::StartRegistry) {
@@ -127,12 +130,17 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
                         "an earlier step in {repo} failed, so this one could remove something still needed"
                     ))
                 } else {
-                    let r = tree_step(cx.storage, step);
+                    let mut r = tree_step(cx.storage, step);
                     match &r {
                         StepResult::Failed(_) => {
                             broken_repos.insert(repo);
                         }
-                        StepResult::Done(_) | StepResult::AlreadyGone => edited = true,
+                        StepResult::Done(_) | StepResult::AlreadyGone => {
+                            edited = true;
+                            if let Err(e) = cx.storage.journal_step_done(tree_index) {
+                                r = StepResult::Done(format!("(progress not recorded: {e:#})"));
+                            }
+                        }
                         StepResult::Skipped(_) => {}
                     }
                     r
@@ -236,6 +244,20 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
         }
     }
     report
+}
+
+/// For each step, its index among the plan's tree edits (the journal's numbering).
+fn tree_indices(plan: &Plan) -> Vec<Option<usize>> {
+    let mut n = 0;
+    plan.steps
+        .iter()
+        .map(|s| {
+            s.action.is_tree_edit().then(|| {
+                n += 1;
+                n - 1
+            })
+        })
+        .collect()
 }
 
 fn service<'a>(cx: &'a mut Context<'_>) -> Option<&'a mut (dyn Service + 'static)> {

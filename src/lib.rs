@@ -99,10 +99,20 @@ fn modify(cli: &Cli, out: &Output, request: Request<'_>) -> Result<Exit> {
     let cfg = config::resolve(&cli.global, Purpose::Modify)?;
     let storage = Storage::open(&cfg.root)?;
     let _lock = storage.lock()?;
+    if cfg.dry_run {
+        // The real run's first write would fail: so does the dry run.
+        storage
+            .ensure_writable()
+            .map_err(|e| Refusal(format!("cannot write to the storage tree: {e:#}")))?;
+    }
     let pending = read_pending(&storage, out)?;
     // A repository or reference an interrupted run already half-deleted is finished from its
     // journal rather than refused as unknown.
-    let covered = |r: &Reference| pending.as_ref().is_some_and(|p| plan::covered_by(p, r));
+    let covered = |r: &Reference| {
+        pending
+            .as_ref()
+            .is_some_and(|p| plan::covered_by(&p.all, r))
+    };
 
     let (mut refs, mut whole, what): (Vec<Reference>, Vec<RepoName>, String) = match request {
         Request::Refs(refs) => {
@@ -136,7 +146,7 @@ fn modify(cli: &Cli, out: &Output, request: Request<'_>) -> Result<Exit> {
     ensure_repos_exist(&storage, &named)?;
     let pending_repos: Vec<RepoName> = pending
         .iter()
-        .flat_map(|p| p.steps.iter().filter_map(|s| s.repo.clone()))
+        .flat_map(|p| p.remaining.steps.iter().filter_map(|s| s.repo.clone()))
         .filter(|r| storage.repo_exists(r))
         .collect();
 
@@ -163,8 +173,9 @@ fn modify(cli: &Cli, out: &Output, request: Request<'_>) -> Result<Exit> {
         }
     };
     let mut notes = Vec::new();
+    let mut empty_dirs = Vec::new();
     if let Some(p) = &pending {
-        let (sel, repos, n) = plan::pending_selections(p, &snaps);
+        let (sel, repos, n, dirs) = plan::pending_selections(&p.remaining, &snaps);
         // Manifests the interrupted run already unlinked: their layer links may still be due.
         for snap in &mut snaps {
             if let Some(s) = sel.get(snap.repo()) {
@@ -177,9 +188,11 @@ fn modify(cli: &Cli, out: &Output, request: Request<'_>) -> Result<Exit> {
                 e.tags.entry(tag).or_insert(why);
             }
             e.digests.extend(s.digests);
+            e.layers.extend(s.layers);
         }
         whole.extend(repos);
         notes = n;
+        empty_dirs = dirs;
     }
     let whole = dedup(whole.into_iter());
     selections.retain(|repo, _| !whole.contains(repo));
@@ -193,6 +206,13 @@ fn modify(cli: &Cli, out: &Output, request: Request<'_>) -> Result<Exit> {
         plan::build_repo_plan(&whole_snaps),
     );
     tree.problems.extend(notes);
+    let tree = plan::join(
+        tree,
+        Plan {
+            steps: empty_dirs,
+            ..Plan::default()
+        },
+    );
     let force = pending.is_some() || matches!(request, Request::Gc);
     let mut plan = plan::finish_plan(tree, cfg.finish, force);
     if plan.count(Action::GarbageCollect) > 0 {
@@ -244,15 +264,41 @@ fn refusal_of(errs: Vec<plan::SelectError>) -> Refusal {
     )
 }
 
-/// The journal of an interrupted run, if any; what it meant to do is planned again against the
-/// tree as it is now.
-fn read_pending(storage: &Storage, out: &Output) -> Result<Option<Plan>> {
+/// An interrupted run's journal: all it meant to do, and the steps it did not get to.
+struct Pending {
+    all: Plan,
+    remaining: Plan,
+}
+
+/// The journal of an interrupted run, if any; what it did not get to is planned again against
+/// the tree as it is now.
+fn read_pending(storage: &Storage, out: &Output) -> Result<Option<Pending>> {
     let Some(bytes) = storage.read_journal()? else {
         return Ok(None);
     };
-    let plan: Plan = serde_json::from_slice(&bytes)
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines = text.lines();
+    let pending = serde_json::from_str(lines.next().unwrap_or_default())
         .map_err(|e| e.to_string())
         .and_then(|p: Plan| plan::ensure_valid_journal(&p).map(|()| p))
+        .and_then(|all: Plan| {
+            // Drop the steps the interrupted run completed: what is there now was put back since.
+            let mut done = std::collections::BTreeSet::new();
+            for l in lines {
+                done.insert(
+                    l.trim()
+                        .parse::<usize>()
+                        .map_err(|_| format!("progress line `{l}` is not a step number"))?,
+                );
+            }
+            let mut remaining = all.clone();
+            let mut i = 0;
+            remaining.steps.retain(|_| {
+                i += 1;
+                !done.contains(&(i - 1))
+            });
+            Ok(Pending { all, remaining })
+        })
         .map_err(|e| {
             Refusal(format!(
                 "{} is not a journal this version can read ({e}); no docker-delete holds the lock, so no run is using it: move it away and run again",
@@ -263,7 +309,7 @@ fn read_pending(storage: &Storage, out: &Output) -> Result<Option<Plan>> {
         "an earlier run was interrupted ({}); what it had left to do is planned again and finished first",
         storage.journal_path().display()
     ));
-    Ok(Some(plan))
+    Ok(Some(pending))
 }
 
 fn dedup<T: Ord + Clone>(it: impl Iterator<Item = T>) -> Vec<T> {
@@ -300,7 +346,8 @@ fn carry_out(
     // Something in the selected repositories could not be read: the job may be incomplete.
     let had_problems = unreadable || !plan.problems.is_empty();
     if plan.steps.is_empty() {
-        out.problems(storage.v2(), &plan.problems);
+        // Say why: what was named is kept (a platform of a kept index, say) or unreadable.
+        out.notes(&plan, storage.v2());
         out.success(format!("nothing to delete for {what}"));
         return Ok(if had_problems { Exit::Failed } else { Exit::Ok });
     }
@@ -350,11 +397,16 @@ fn carry_out(
         None
     };
 
+    if let Err(e) = storage.empty_trash() {
+        out.warn(format!("{e:#}"));
+    }
     // Record the tree edits before anything is touched, so that a later run can finish them if
     // this one is interrupted. Also the first write: a tree this user cannot write is refused here.
     let journal = if plan.edits_tree() {
-        let journal = serde_json::to_vec_pretty(&plan::journal_of(&plan))
-            .context("cannot serialise the journal")?;
+        // One line of JSON; the run appends the index of each tree step that took effect.
+        let mut journal =
+            serde_json::to_vec(&plan::journal_of(&plan)).context("cannot serialise the journal")?;
+        journal.push(b'\n');
         storage.write_journal(&journal)
     } else {
         // An earlier run's journal whose work is all done.
@@ -413,6 +465,9 @@ struct TagRow<'a> {
 fn list(cli: &Cli, out: &Output, repo: Option<&RepoName>, quiet: bool) -> Result<Exit> {
     let cfg = config::resolve(&cli.global, Purpose::Read)?;
     let storage = Storage::open(&cfg.root)?;
+    if let Some(r) = repo {
+        ensure_repos_exist(&storage, std::slice::from_ref(r))?;
+    }
     if !out.json && !quiet {
         // On stderr: which registry this is, without disturbing the list on stdout.
         let what = repo.map_or("Repositories".to_string(), |r| format!("Tags of {r}"));
@@ -435,7 +490,6 @@ fn list(cli: &Cli, out: &Output, repo: Option<&RepoName>, quiet: bool) -> Result
             }
         }
         Some(r) => {
-            ensure_repos_exist(&storage, std::slice::from_ref(r))?;
             let snap = storage.read_repo(r)?;
             out.problems(storage.v2(), &snap.problems);
             let rows: Vec<TagRow> = snap

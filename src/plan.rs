@@ -253,6 +253,8 @@ pub struct Selection {
     pub tags: BTreeMap<Tag, String>,
     /// Manifests to delete unless a kept tag, index or referrer needs them.
     pub digests: BTreeSet<Digest>,
+    /// Layer links to remove unless a manifest that stays uses them (an interrupted run's).
+    pub layers: BTreeSet<Digest>,
 }
 
 /// Selections by repository.
@@ -340,7 +342,7 @@ pub fn plan_selections(snaps: &[RepoSnapshot], selections: Selections) -> Plan {
         let Some(snap) = snaps.iter().find(|s| *s.repo() == repo) else {
             continue;
         };
-        let rp = plan_repo(snap, sel.tags, sel.digests);
+        let rp = plan_repo(snap, sel.tags, sel.digests, &sel.layers);
         tags_steps.extend(rp.tags);
         rev_steps.extend(rp.revisions);
         layer_steps.extend(rp.layers);
@@ -359,9 +361,17 @@ pub fn plan_selections(snaps: &[RepoSnapshot], selections: Selections) -> Plan {
 }
 
 /// Joins plans, keeping the order of actions (tags, revisions, layer links, empty directories,
-/// repositories) across them.
+/// repositories) across them and dropping a step the first plan already has.
 pub fn join(mut a: Plan, b: Plan) -> Plan {
-    a.steps.extend(b.steps);
+    for s in b.steps {
+        if !a
+            .steps
+            .iter()
+            .any(|t| t.action == s.action && t.path == s.path)
+        {
+            a.steps.push(s);
+        }
+    }
     a.steps.sort_by_key(|s| s.action);
     a.kept.extend(b.kept);
     a.problems.extend(b.problems);
@@ -392,6 +402,7 @@ fn plan_repo(
     snap: &RepoSnapshot,
     mut del_tags: BTreeMap<Tag, String>,
     digests: BTreeSet<Digest>,
+    layer_candidates: &BTreeSet<Digest>,
 ) -> RepoPlan {
     let repo = snap.repo();
     let mut problems = Vec::new();
@@ -571,7 +582,9 @@ fn plan_repo(
 
     // Layer links used only by deleted manifests.
     let mut layers = Vec::new();
-    if blocked.is_none() && !(delete.is_empty() && unlinked.is_empty()) {
+    if blocked.is_none()
+        && !(delete.is_empty() && unlinked.is_empty() && layer_candidates.is_empty())
+    {
         let mut remaining: BTreeSet<Digest> = snap
             .revisions
             .iter()
@@ -604,20 +617,25 @@ fn plan_repo(
                 ),
             });
         } else {
-            let mut gone: BTreeMap<Digest, Digest> = BTreeMap::new();
+            let mut gone: BTreeMap<Digest, String> = BTreeMap::new();
             for d in delete.keys().chain(&unlinked) {
                 for b in snap.manifest(d).map(|m| m.blobs()).unwrap_or_default() {
-                    gone.entry(b).or_insert_with(|| d.clone());
+                    gone.entry(b)
+                        .or_insert_with(|| format!("used only by deleted {}", d.short()));
                 }
             }
-            for (b, by) in gone {
+            for b in layer_candidates {
+                gone.entry(b.clone())
+                    .or_insert_with(|| "left by an interrupted run".into());
+            }
+            for (b, why) in gone {
                 if !still_used.contains(&b) && snap.layers.contains(&b) {
                     layers.push(Step::tree(
                         Action::RemoveLayerLink,
                         repo,
                         layout::layer_dir(repo, &b),
                         Some(b.clone()),
-                        format!("used only by deleted {}", by.short()),
+                        why,
                     ));
                 }
             }
@@ -806,16 +824,17 @@ pub fn covered_by(pending: &Plan, r: &Reference) -> bool {
     })
 }
 
-/// Turns an interrupted run's journal into work checked against the tree as it is now: its tags
-/// that still point where they did, its manifests (which go only if nothing kept needs them, so an
-/// image pushed since is safe), and its repositories that have no tag again. Layer links and empty
-/// directories are planned anew from these. Returns the selections, the repositories to remove
-/// whole, and notes on what is no longer done.
+/// Turns the steps an interrupted run did not get to into work checked against the tree as it is
+/// now: its tags that still point where they did, its manifests and layer links (which go only if
+/// nothing that stays needs them, so an image pushed since is safe), and its repositories that
+/// have no tag again. Returns the selections, the repositories to remove whole, notes on what is
+/// no longer done, and the empty-directory steps (safe as they are).
 pub fn pending_selections(
     pending: &Plan,
     snaps: &[RepoSnapshot],
-) -> (Selections, Vec<RepoName>, Vec<Problem>) {
+) -> (Selections, Vec<RepoName>, Vec<Problem>, Vec<Step>) {
     let mut sel = Selections::new();
+    let mut empty_dirs = Vec::new();
     let mut whole = Vec::new();
     let mut notes = Vec::new();
     for s in &pending.steps {
@@ -859,6 +878,16 @@ pub fn pending_selections(
                         .insert(d.clone());
                 }
             }
+            Action::RemoveLayerLink => {
+                if let Some(d) = &s.expect {
+                    sel.entry(repo.clone())
+                        .or_default()
+                        .layers
+                        .insert(d.clone());
+                }
+            }
+            // Removed only if still empty, so safe whatever happened since.
+            Action::RemoveEmptyDir => empty_dirs.push(s.clone()),
             Action::RemoveRepository => {
                 if snap.tags.is_empty() {
                     whole.push(repo.clone());
@@ -874,7 +903,7 @@ pub fn pending_selections(
             _ => {}
         }
     }
-    (sel, whole, notes)
+    (sel, whole, notes, empty_dirs)
 }
 
 /// "1 tag", "2 tags".
@@ -1229,7 +1258,7 @@ mod tests {
         // and the same image was pushed again as v3 since. Nothing of it may go.
         let mut now = s.clone();
         now.tags.remove(&Tag::parse("v1").unwrap());
-        let (sel, whole, notes) = pending_selections(&pending, std::slice::from_ref(&now));
+        let (sel, whole, notes, _) = pending_selections(&pending, std::slice::from_ref(&now));
         assert!(whole.is_empty() && notes.is_empty());
         assert!(sel[&RepoName::parse("app").unwrap()].tags.is_empty());
         let p = plan_selections(std::slice::from_ref(&now), sel.clone());
@@ -1252,7 +1281,7 @@ mod tests {
             .get_mut(&Tag::parse("v1").unwrap())
             .unwrap()
             .current = Ok(d(11));
-        let (sel, _, notes) = pending_selections(&pending, &[moved]);
+        let (sel, _, notes, _) = pending_selections(&pending, &[moved]);
         assert!(sel[&RepoName::parse("app").unwrap()].tags.is_empty());
         assert_eq!(notes.len(), 1);
     }

@@ -551,6 +551,9 @@ impl RepoSnapshot {
 
 /// File name of the journal in `docker/registry/v2` (the registry ignores files there).
 const JOURNAL: &str = "docker-delete-journal.json";
+/// Directory in `docker/registry/v2` that removals are renamed into before being deleted.
+const TRASH: &str = "docker-delete-trash";
+static TRASH_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The storage tree on local disk: `<root>/docker/registry/v2`.
 #[derive(Debug, Clone)]
@@ -652,9 +655,26 @@ impl Storage {
         write().with_context(|| format!("cannot write {}", path.display()))
     }
 
+    /// Records in the journal that its tree step `index` took effect, so that a later run does
+    /// not take a tag or manifest pushed again since for one this run never reached.
+    pub fn journal_step_done(&self, index: usize) -> Result<()> {
+        use std::io::Write as _;
+        let path = self.journal_path();
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        writeln!(f, "{index}")
+            .and_then(|()| f.sync_data())
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
     /// Removes the journal once its steps are done.
     pub fn remove_journal(&self) -> Result<()> {
         let path = self.journal_path();
+        if !path.exists() {
+            return Ok(());
+        }
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -945,11 +965,55 @@ impl Storage {
     pub fn remove_dir(&self, rel: &Path) -> Result<Removed> {
         self.ensure_no_symlink(rel)?;
         let abs = self.abs(rel);
-        match fs::remove_dir_all(&abs) {
-            Ok(()) => Ok(Removed::Done),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Removed::AlreadyGone),
+        // Rename into the trash first: a rename either happens whole or not at all, so a removal
+        // that fails half-way (permissions, immutable files) never leaves a half-removed tag.
+        let trash = self.v2.join(TRASH);
+        fs::create_dir_all(&trash).with_context(|| format!("cannot create {}", trash.display()))?;
+        let dest = trash.join(format!(
+            "{}-{}",
+            std::process::id(),
+            TRASH_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        match fs::rename(&abs, &dest) {
+            Ok(()) => {
+                // Gone from the registry's view; what cannot be cleaned up now is by the next run.
+                let _ = fs::remove_dir_all(&dest);
+                let _ = fs::remove_dir(&trash);
+                Ok(Removed::Done)
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound && fs::symlink_metadata(&abs).is_err() =>
+            {
+                Ok(Removed::AlreadyGone)
+            }
+            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => match fs::remove_dir_all(&abs) {
+                Ok(()) => Ok(Removed::Done),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Removed::AlreadyGone),
+                Err(e) => Err(e).with_context(|| format!("cannot remove {}", abs.display())),
+            },
             Err(e) => Err(e).with_context(|| format!("cannot remove {}", abs.display())),
         }
+    }
+
+    /// Empties the trash an earlier run could not (the registry never looks there).
+    pub fn empty_trash(&self) -> Result<()> {
+        let trash = self.v2.join(TRASH);
+        match fs::remove_dir_all(&trash) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot remove {}", trash.display())),
+        }
+    }
+
+    /// Whether this process can write the tree: creates and removes a file in
+    /// `docker/registry/v2`, so that a dry run refuses what the real run would.
+    pub fn ensure_writable(&self) -> Result<()> {
+        let probe = self
+            .v2
+            .join(format!("{JOURNAL}.probe-{}", std::process::id()));
+        fs::write(&probe, b"")
+            .and_then(|()| fs::remove_file(&probe))
+            .with_context(|| format!("cannot write to {}", self.v2.display()))
     }
 
     /// Removes `rel` if it is an empty directory: `Some(Done)`, `Some(AlreadyGone)` if missing,

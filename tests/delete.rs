@@ -1512,3 +1512,37 @@ fn the_plan_says_exactly_what_collection_frees() {
         "bytes freed"
     );
 }
+
+/// A removal that cannot happen leaves the tag whole: removals are renames into a trash
+/// directory, which happen entirely or not at all (a recursive delete would have emptied the tag
+/// before failing on its directory).
+#[test]
+fn a_failed_removal_leaves_the_tag_whole() {
+    let reg = Registry::start();
+    let one = build_image(Format::Oci, &["immut-one"]);
+    reg.push("app", "v1", &one);
+    reg.push("app", "v2", &build_image(Format::Oci, &["immut-two"]));
+    let tags_dir = reg.v2().join("repositories/app/_manifests/tags");
+    let chattr = |flag: &str| {
+        Command::new("chattr")
+            .arg(flag)
+            .arg(&tags_dir)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !chattr("+i") {
+        eprintln!("skipped: chattr +i is not supported here");
+        return;
+    }
+    let out = dd(&reg, &["app:v1"]);
+    let unlocked = chattr("-i");
+    assert!(unlocked);
+    out.assert_code(1).assert_stderr_has("remove tag failed");
+    assert_eq!(tag_current(&reg.v2(), "app", "v1"), one.digest);
+    assert!(
+        out.stderr.contains("no edit was made"),
+        "{}",
+        out.describe()
+    );
+    assert_pulls(&reg, "app", "v1");
+}

@@ -50,6 +50,22 @@ fn run_and_interrupt(reg: &Registry, dir: &TestDir, reference: &str) -> std::pro
     child.wait_with_output().expect("wait for docker-delete")
 }
 
+/// Rewrites the journal's progress as if the run had been interrupted right after its steps of
+/// the given actions (e.g. `["remove-tag"]`), to reproduce an earlier interruption exactly.
+fn set_progress(v2: &Path, done_actions: &[&str]) {
+    let text = fs::read_to_string(journal(v2)).unwrap();
+    let first = text.lines().next().unwrap().to_string();
+    let plan: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let mut out = first.clone();
+    out.push('\n');
+    for (i, step) in plan["steps"].as_array().unwrap().iter().enumerate() {
+        if done_actions.contains(&step["action"].as_str().unwrap()) {
+            out.push_str(&format!("{i}\n"));
+        }
+    }
+    fs::write(journal(v2), out).unwrap();
+}
+
 fn only_in(a: &Image, b: &Image) -> BTreeSet<String> {
     a.blob_digests()
         .difference(&b.blob_digests())
@@ -77,8 +93,15 @@ fn ctrl_c_exits_130_keeps_the_journal_and_the_next_run_finishes() {
     );
     assert!(!tag_path(&v2, "app", "gone").exists());
 
+    // Every step had run (the interruption came during the restart), and the journal says so.
+    let recorded = fs::read_to_string(journal(&v2)).unwrap();
+    assert!(
+        recorded.lines().count() > 3,
+        "progress recorded:\n{recorded}"
+    );
     // Put back the revision and layer links, as if the interruption had come right after the
     // tag was removed: only the journal still knows they were meant to go.
+    set_progress(&v2, &["remove-tag"]);
     let gone_manifest = gone.digest.clone();
     let rev = revision_link_path(&v2, "app", &gone_manifest);
     fs::create_dir_all(rev.parent().unwrap()).unwrap();
@@ -214,6 +237,7 @@ fn journal_finishes_layer_links_after_the_revision_was_removed() {
 
     // Bring back the blobs and layer links, but not the revision link or the tag: the state an
     // interruption between the revision step and the layer-link steps leaves.
+    set_progress(&v2, &["remove-tag", "remove-revision"]);
     reg.restart();
     reg.push_untagged("app", &gone);
     fs::remove_dir_all(
@@ -253,4 +277,43 @@ fn journal_finishes_layer_links_after_the_revision_was_removed() {
     }
     reg.restart();
     reg.pull_verify("app", "keep").unwrap();
+}
+
+/// A tag the interrupted run had removed, pushed again with the same content before the next
+/// run: the journal records that its removal was done, so the next run leaves the new push alone.
+#[test]
+fn a_tag_pushed_again_after_the_interruption_is_not_deleted_again() {
+    let mut reg = Registry::start();
+    let img = build_image(Format::Docker, &["again-app"]);
+    let other = build_image(Format::Docker, &["again-other"]);
+    reg.push("app", "v2", &img);
+    reg.push("other", "1", &other);
+    let v2 = reg.v2();
+    let dir = TestDir::new();
+    let out = run_and_interrupt(&reg, &dir, "app:v2");
+    assert_eq!(out.status.code(), Some(130));
+    assert!(journal(&v2).is_file());
+    // As if interrupted right after the tag went; then the same image is pushed again.
+    set_progress(&v2, &["remove-tag"]);
+    reg.restart();
+    reg.push("app", "v2", &img);
+
+    for args in [&["other:1"][..], &["gc"][..]] {
+        let out = docker_delete()
+            .args(["--no-container", "--registry-dir"])
+            .arg(reg.root())
+            .arg("--config")
+            .arg(reg.config_path())
+            .args(["--no-restart", "-y"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}:\n{stderr}");
+        reg.restart();
+        reg.pull_verify("app", "v2").unwrap_or_else(|e| {
+            panic!("app:v2 pushed again was damaged by {args:?}: {e}\n{stderr}")
+        });
+    }
+    assert_eq!(reg.status_manifest("other", "1"), 404);
 }
