@@ -162,7 +162,10 @@ pub fn resolve(g: &Global, purpose: Purpose) -> Result<Config> {
         None => None,
     };
 
-    let container = find_container(g)?;
+    let (container, discovery_note) = find_container(g)?;
+    let note = discovery_note
+        .map(|n| format!(" (container discovery: {n})"))
+        .unwrap_or_default();
 
     // The storage root.
     let from_flag = g.registry_dir.clone();
@@ -226,7 +229,7 @@ pub fn resolve(g: &Global, purpose: Purpose) -> Result<Config> {
                 ),
             },
             None => bail!(
-                "no registry storage given: set DOCKER_REGISTRY_DIR or --registry-dir to the directory holding docker/registry/v2, or --config to the registry's config.yml, or run a registry container docker-delete can find"
+                "no registry storage given: set DOCKER_REGISTRY_DIR or --registry-dir to the directory holding docker/registry/v2, or --config to the registry's config.yml, or run a registry container docker-delete can find{note}"
             ),
         },
     };
@@ -299,7 +302,7 @@ pub fn resolve(g: &Global, purpose: Purpose) -> Result<Config> {
             }
             if finish.restart && l.restart_cmd.is_none() {
                 bail!(
-                    "no way to restart the registry after garbage collection, and without a restart its cache keeps answering for deleted blobs; give --container NAME (or DOCKER_REGISTRY_CONTAINER_ID) for a container, --restart-cmd \"systemctl restart docker-registry\" for a service, or --no-restart and restart it yourself"
+                    "no way to restart the registry after garbage collection, and without a restart its cache keeps answering for deleted blobs; give --container NAME (or DOCKER_REGISTRY_CONTAINER_ID) for a container, --restart-cmd \"systemctl restart docker-registry\" for a service, or --no-restart and restart it yourself{note}"
                 );
             }
         }
@@ -330,9 +333,9 @@ pub fn resolve(g: &Global, purpose: Purpose) -> Result<Config> {
 }
 
 /// The container to work with: named, or discovered unless the user set up a local registry.
-fn find_container(g: &Global) -> Result<Option<RegistryContainer>> {
+fn find_container(g: &Global) -> Result<(Option<RegistryContainer>, Option<String>)> {
     if g.no_container {
-        return Ok(None);
+        return Ok((None, None));
     }
     if let Some(spec) = &g.container {
         if let Some(config) = &g.config {
@@ -341,16 +344,18 @@ fn find_container(g: &Global) -> Result<Option<RegistryContainer>> {
                 config.display()
             );
         }
-        return Ok(Some(docker::find_registry(Some(spec))?));
+        return Ok((Some(docker::find_registry(Some(spec))?), None));
     }
     if g.restart_cmd.is_some() || g.config.is_some() {
         // A registry run on this host: a container elsewhere is not the one meant.
-        return Ok(None);
+        return Ok((None, None));
     }
     match docker::find_registry(None) {
-        Ok(c) => Ok(Some(c)),
+        Ok(c) => Ok((Some(c), None)),
         // No Docker here, or no registry container: a registry run as a service on this host.
-        Err(e) if e.means_no_container() => Ok(None),
+        // What discovery saw is worth saying if nothing else works out.
+        Err(e @ docker::DockerError::NoneRunning { .. }) => Ok((None, Some(e.to_string()))),
+        Err(e) if e.means_no_container() => Ok((None, None)),
         Err(e) => Err(e.into()),
     }
 }

@@ -99,6 +99,15 @@ pub enum DockerError {
         "no running registry container found (looked for images named `registry` or `distribution`, and for commands running `registry serve`); start the registry, or name its container with `--container NAME` or DOCKER_REGISTRY_CONTAINER_ID"
     )]
     NoneFound,
+    /// Discovery found registry containers, but none running.
+    #[error(
+        "no registry container is running; found, but not running: {}; start it with `docker start NAME`",
+        stopped.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    NoneRunning {
+        /// The stopped registry containers.
+        stopped: Vec<Candidate>,
+    },
     /// Discovery found more than one running registry container.
     #[error(
         "{} running containers look like registries:\n{}\nchoose one with `--container NAME` or DOCKER_REGISTRY_CONTAINER_ID",
@@ -135,7 +144,9 @@ impl DockerError {
     pub fn means_no_container(&self) -> bool {
         matches!(
             self,
-            DockerError::Unreachable { .. } | DockerError::NoneFound
+            DockerError::Unreachable { .. }
+                | DockerError::NoneFound
+                | DockerError::NoneRunning { .. }
         )
     }
 }
@@ -634,38 +645,22 @@ impl Engine {
         let list = self
             .rt
             .block_on(self.docker.list_containers(Some(
-                ListContainersOptionsBuilder::default().all(false).build(),
+                ListContainersOptionsBuilder::default().all(true).build(),
             )))
             .map_err(|e| DockerError::Api {
-                action: "listing running containers".to_string(),
+                action: "listing containers".to_string(),
                 message: error_message(&e),
             })?;
-        let candidates: Vec<Candidate> = list
+        let (running, stopped): (Vec<_>, Vec<_>) = list
             .into_iter()
-            // Our own one-shot garbage-collect helper runs the registry image too.
-            .filter(|c| !c.labels.as_ref().is_some_and(|l| l.contains_key(GC_LABEL)))
-            .filter(|c| {
-                let image = c.image.as_deref().unwrap_or("");
-                let command: Vec<String> = c
-                    .command
-                    .as_deref()
-                    .unwrap_or("")
-                    .split_whitespace()
-                    .map(str::to_string)
-                    .collect();
-                image_is_registry(image) || command_runs_registry(&command)
-            })
-            .map(|c| Candidate {
-                name: c
-                    .names
-                    .as_ref()
-                    .and_then(|n| n.first())
-                    .map(|n| n.trim_start_matches('/').to_string())
-                    .unwrap_or_default(),
-                id: c.id.unwrap_or_default(),
-                image: c.image.unwrap_or_default(),
-            })
-            .collect();
+            .partition(|c| c.state.as_ref().is_some_and(|s| s.to_string() == "running"));
+        let candidates = registry_candidates(running);
+        if candidates.is_empty() {
+            let stopped = registry_candidates(stopped);
+            if !stopped.is_empty() {
+                return Err(DockerError::NoneRunning { stopped });
+            }
+        }
         match candidates.len() {
             0 => Err(DockerError::NoneFound),
             1 => Ok(candidates[0].id.clone()),
@@ -1143,6 +1138,35 @@ fn probe_v2(endpoint: &str) -> std::io::Result<u16> {
         .and_then(|c| c.parse::<u16>().ok())
         .ok_or_else(|| std::io::Error::other("connection closed without an HTTP answer"))?;
     Ok(if scheme == "https" { 200 } else { code })
+}
+
+/// The containers of a listing that look like registries (not our own collector helpers).
+fn registry_candidates(list: Vec<bollard::models::ContainerSummary>) -> Vec<Candidate> {
+    list.into_iter()
+        // Our own one-shot garbage-collect helper runs the registry image too.
+        .filter(|c| !c.labels.as_ref().is_some_and(|l| l.contains_key(GC_LABEL)))
+        .filter(|c| {
+            let image = c.image.as_deref().unwrap_or("");
+            let command: Vec<String> = c
+                .command
+                .as_deref()
+                .unwrap_or("")
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
+            image_is_registry(image) || command_runs_registry(&command)
+        })
+        .map(|c| Candidate {
+            name: c
+                .names
+                .as_ref()
+                .and_then(|n| n.first())
+                .map(|n| n.trim_start_matches('/').to_string())
+                .unwrap_or_default(),
+            id: c.id.unwrap_or_default(),
+            image: c.image.unwrap_or_default(),
+        })
+        .collect()
 }
 
 #[cfg(test)]

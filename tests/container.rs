@@ -795,6 +795,33 @@ fn unknown_container_is_refused() {
     tree.assert_unchanged(&tree_of(&s));
 }
 
+/// With nothing named and the only registry container stopped, the refusal says so.
+#[test]
+fn discovery_names_a_stopped_registry_container() {
+    require_docker!();
+    let image = build_registry_image(REGISTRY2_CONFIG);
+    let _lock = exclusive_lock();
+    let s = Scene::start(&image, Storage::BindMount);
+    docker_ok(&["stop", "-t", "10", &s.reg.name]);
+    let tree = tree_of(&s);
+    let mut c = docker_delete();
+    c.args(["-y", "app:v1"]);
+    let r = run(c);
+    if r.stderr.contains("running containers look like registries") {
+        eprintln!("skipped: another registry container runs on this engine");
+        return;
+    }
+    assert_refused(
+        &r,
+        &[
+            &s.reg.name,
+            "no registry container is running",
+            "docker start",
+        ],
+    );
+    tree.assert_unchanged(&tree_of(&s));
+}
+
 #[test]
 fn stopped_registry_container_is_refused() {
     require_docker!();
