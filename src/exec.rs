@@ -90,15 +90,27 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
     // Whether any tree edit took effect (or had already, in an earlier interrupted run): if every
     // one failed, collecting and restarting would only interrupt the registry for nothing.
     let mut edited = !plan.edits_tree();
+    // Whether this run itself changed the tree.
+    let mut changed = false;
     // Index of the current step among the tree edits, as the journal lists them.
     let mut tree_index = 0;
     for (step, index) in plan.steps.iter().zip(tree_indices(plan)) {
         tree_index = index.unwrap_or(tree_index);
         let interrupted = cx.interrupted.load(Ordering::SeqCst);
-        // After an interruption only the step that brings a stopped registry back runs.
-        if interrupted && !(stopped && step.action == Action::StartRegistry) {
+        // After an interruption only what leaves the registry consistent runs: links a push
+        // may have skipped, and bringing back or restarting the registry once the tree changed
+        // (its cache would otherwise keep claiming layers whose links are gone).
+        let still_runs = match step.action {
+            Action::StartRegistry => stopped,
+            Action::RelinkLayers | Action::RestartRegistry => changed,
+            _ => false,
+        };
+        if interrupted && !still_runs {
             report.interrupted = true;
             continue;
+        }
+        if interrupted {
+            report.interrupted = true;
         }
         if step.action == Action::Verify && report.interrupted {
             continue;
@@ -109,6 +121,7 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
                 step.action,
                 Action::GarbageCollect
                     | Action::RemoveEmptyBlobDirs
+                    | Action::RelinkLayers
                     | Action::RestartRegistry
                     | Action::Verify
             )
@@ -137,6 +150,7 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
                         }
                         StepResult::Done(_) | StepResult::AlreadyGone => {
                             edited = true;
+                            changed |= matches!(r, StepResult::Done(_));
                             if let Err(e) = cx.storage.journal_step_done(tree_index) {
                                 r = StepResult::Done(format!("(progress not recorded: {e:#})"));
                             }
@@ -193,6 +207,17 @@ pub fn execute(plan: &Plan, mut cx: Context<'_>, progress: &mut dyn FnMut(&Outco
                     }
                     Some(Err(e)) => StepResult::Failed(format!("{e:#}")),
                     None => StepResult::Failed("no registry to run garbage-collect in".into()),
+                }
+            }
+            Action::RelinkLayers => {
+                let repo = step.repo.as_ref().expect("relink steps name a repository");
+                match cx.storage.relink_layers(repo) {
+                    Ok(v) if v.is_empty() => StepResult::Done(String::new()),
+                    Ok(v) => StepResult::Done(format!(
+                        "{repo}: linked {} layer(s) again that a push during the run skipped",
+                        v.len()
+                    )),
+                    Err(e) => StepResult::Failed(format!("{e:#}")),
                 }
             }
             Action::RemoveEmptyBlobDirs => {

@@ -214,7 +214,13 @@ fn modify(cli: &Cli, out: &Output, request: Request<'_>) -> Result<Exit> {
         },
     );
     let force = pending.is_some() || matches!(request, Request::Gc);
-    let mut plan = plan::finish_plan(tree, cfg.finish, force);
+    // Collection on its own also repairs the layer links of every repository (a push during an
+    // earlier run may have skipped layers the registry's cache still claimed).
+    let relink = match request {
+        Request::Gc => storage.list_repositories()?.0,
+        _ => Vec::new(),
+    };
+    let mut plan = plan::finish_plan(tree, cfg.finish, force, &relink);
     if plan.count(Action::GarbageCollect) > 0 {
         plan.freed = estimate_freed(&storage, &snaps, &plan, out)?;
     }
@@ -387,10 +393,15 @@ fn carry_out(
         }
     }
 
-    let needs_service = plan
-        .steps
-        .iter()
-        .any(|s| !s.action.is_tree_edit() && s.action != Action::Verify);
+    let needs_service = plan.steps.iter().any(|s| {
+        matches!(
+            s.action,
+            Action::StopRegistry
+                | Action::GarbageCollect
+                | Action::StartRegistry
+                | Action::RestartRegistry
+        )
+    });
     let service = if needs_service {
         Some(cfg.service().context("cannot reach the registry")?)
     } else {

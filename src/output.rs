@@ -156,6 +156,9 @@ impl Output {
         }
         let line = self.step_line(&o.step, true);
         match &o.result {
+            // Nothing to repair: not worth a line per repository.
+            StepResult::Done(detail)
+                if detail.is_empty() && o.step.action == Action::RelinkLayers => {}
             StepResult::Done(detail) if detail.is_empty() => self.info(line),
             StepResult::Done(detail) => self.info(format!("{}: {detail}", o.step.action.verbs().1)),
             StepResult::AlreadyGone => {

@@ -33,6 +33,10 @@ pub enum Action {
     GarbageCollect,
     /// Remove the empty directories under `blobs/` that garbage collection leaves.
     RemoveEmptyBlobDirs,
+    /// Give every manifest that stays in a repository the layer links it needs: a push that ran
+    /// while links were being removed was told by the registry's cache that its layers already
+    /// existed, and wrote no link.
+    RelinkLayers,
     /// Start the registry again (offline mode).
     StartRegistry,
     /// Restart the registry so its in-memory blob cache forgets deleted blobs.
@@ -65,6 +69,7 @@ impl Action {
             Self::RemoveRepository => ("remove repository", "removed repository"),
             Self::GarbageCollect => ("garbage-collect", "garbage-collected"),
             Self::RemoveEmptyBlobDirs => ("remove empty blob dirs", "removed empty blob dirs"),
+            Self::RelinkLayers => ("check layer links", "checked layer links"),
             Self::StartRegistry => ("start registry", "started registry"),
             Self::RestartRegistry => ("restart registry", "restarted registry"),
             Self::Verify => ("verify", "verified"),
@@ -130,7 +135,9 @@ impl Step {
             ),
             (Action::RemoveRevision, _, Some(d)) => format!("{repo}@{}", d.short()),
             (Action::RemoveLayerLink, _, Some(d)) => format!("{repo} {}", d.short()),
-            (Action::RemoveRepository | Action::RemoveEmptyDir, _, _) => repo.to_string(),
+            (Action::RemoveRepository | Action::RemoveEmptyDir | Action::RelinkLayers, _, _) => {
+                repo.to_string()
+            }
             _ => String::new(),
         }
     }
@@ -928,9 +935,10 @@ pub struct Finish {
     pub verify: bool,
 }
 
-/// Wraps tree steps with the service steps: stop, GC, empty-directory clean-up, start/restart,
-/// verification. With no tree edit and `force` unset, the plan stays empty.
-pub fn finish_plan(mut plan: Plan, finish: Finish, force: bool) -> Plan {
+/// Wraps tree steps with the service steps: stop, GC, empty-directory clean-up, layer-link
+/// repair (in the repositories edited, and in `relink`), start/restart, verification. With no
+/// tree edit and `force` unset, the plan stays empty.
+pub fn finish_plan(mut plan: Plan, finish: Finish, force: bool, relink: &[RepoName]) -> Plan {
     if !plan.edits_tree() && !force {
         return plan;
     }
@@ -951,6 +959,33 @@ pub fn finish_plan(mut plan: Plan, finish: Finish, force: bool) -> Plan {
             Action::RemoveEmptyBlobDirs,
             "garbage collection leaves empty blobs/sha256/xx directories",
         ));
+    }
+    // Repositories whose layer links this plan edits (and that stay), and those asked for.
+    let mut touched: Vec<RepoName> = relink.to_vec();
+    for s in &steps {
+        if let Some(r) = &s.repo
+            && s.action.is_tree_edit()
+            && !touched.contains(r)
+        {
+            touched.push(r.clone());
+        }
+    }
+    let gone: Vec<&RepoName> = steps
+        .iter()
+        .filter(|s| s.action == Action::RemoveRepository)
+        .filter_map(|s| s.repo.as_ref())
+        .collect();
+    touched.retain(|r| !gone.contains(&r));
+    for repo in touched {
+        steps.push(Step {
+            action: Action::RelinkLayers,
+            // No path: the step removes nothing, and the paths a plan lists are what goes.
+            path: None,
+            repo: Some(repo),
+            expect: None,
+            reason: "a push during the edits may have skipped layers the cache still claimed"
+                .into(),
+        });
     }
     let restarts = if finish.offline {
         steps.push(Step::service(
@@ -1235,6 +1270,7 @@ mod tests {
                 verify: true,
             },
             false,
+            &[],
         ));
         assert!(pending.steps.iter().all(|s| s.action.is_tree_edit()));
         ensure_valid_journal(&pending).unwrap();
@@ -1310,8 +1346,15 @@ mod tests {
                 verify: true,
             },
             false,
+            &[],
         );
         assert_eq!(f.steps.last().unwrap().action, Action::Verify);
         assert_eq!(f.count(Action::RestartRegistry), 1);
+        // Both edited repositories get their layer links checked, after collection and before
+        // the restart.
+        assert_eq!(f.count(Action::RelinkLayers), 2);
+        let pos = |a: Action| f.steps.iter().position(|s| s.action == a).unwrap();
+        assert!(pos(Action::GarbageCollect) < pos(Action::RelinkLayers));
+        assert!(pos(Action::RelinkLayers) < pos(Action::RestartRegistry));
     }
 }

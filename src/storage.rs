@@ -995,6 +995,32 @@ impl Storage {
         }
     }
 
+    /// Writes the missing `_layers` links of every manifest the repository keeps (config and
+    /// layers whose blob is on disk). Returns the blobs linked again. Unreadable manifests are
+    /// left alone: what they need is unknown.
+    pub fn relink_layers(&self, name: &RepoName) -> Result<Vec<Digest>> {
+        let snap = self.read_repo(name)?;
+        let mut linked = Vec::new();
+        for rev in &snap.revisions {
+            let Some(m) = snap.manifest(rev) else {
+                continue;
+            };
+            for b in m.blobs() {
+                if snap.layers.contains(&b) || linked.contains(&b) || !self.blob_exists(&b) {
+                    continue;
+                }
+                let dir = layout::layer_dir(name, &b);
+                self.ensure_no_symlink(&dir)?;
+                let abs = self.abs(&dir);
+                fs::create_dir_all(&abs)
+                    .and_then(|()| fs::write(abs.join("link"), b.as_str()))
+                    .with_context(|| format!("cannot write {}", abs.join("link").display()))?;
+                linked.push(b);
+            }
+        }
+        Ok(linked)
+    }
+
     /// Empties the trash an earlier run could not (the registry never looks there).
     pub fn empty_trash(&self) -> Result<()> {
         let trash = self.v2.join(TRASH);

@@ -1546,3 +1546,39 @@ fn a_failed_removal_leaves_the_tag_whole() {
     );
     assert_pulls(&reg, "app", "v1");
 }
+
+/// A push while layer links are gone and the registry not yet restarted is told by the cache that
+/// its layers exist, uploads nothing and writes no link; the image breaks at the next restart.
+/// The next run (a deletion in that repository, or `gc`) links those layers again first.
+#[test]
+fn a_push_that_skipped_unlinked_layers_is_repaired_by_the_next_run() {
+    for next in [&["app:other"][..], &["gc"][..]] {
+        let mut reg = Registry::start();
+        let old = build_image(Format::Docker, &["race-a", "race-b"]);
+        reg.push("app", "v1", &old);
+        reg.push(
+            "app",
+            "other",
+            &build_image(Format::Docker, &["race-other"]),
+        );
+        // Edited, not restarted: the state an interrupted or --no-restart run leaves.
+        dd(&reg, &["--no-gc", "app:v1"]).assert_ok();
+        let shared = build_layer("race-a").digest;
+        assert!(!layer_link_path(&reg.v2(), "app", &shared).exists());
+
+        // The same layers in a new image: the cache says they exist, nothing is uploaded.
+        let fresh = build_image(Format::Docker, &["race-a", "race-b", "race-new"]);
+        let report = push_image(&reg.url(), "app", Some("fresh"), &fresh).unwrap();
+        assert!(
+            report.skipped.contains(&shared),
+            "the premise: the layer upload was skipped: {report:?}"
+        );
+        assert!(!layer_link_path(&reg.v2(), "app", &shared).exists());
+
+        let out = dd(&reg, next);
+        out.assert_ok().assert_stderr_has("linked");
+        reg.restart();
+        reg.pull_verify("app", "fresh")
+            .unwrap_or_else(|e| panic!("after {next:?}: {e}\n{}", out.describe()));
+    }
+}

@@ -317,3 +317,64 @@ fn a_tag_pushed_again_after_the_interruption_is_not_deleted_again() {
     }
     assert_eq!(reg.status_manifest("other", "1"), 404);
 }
+
+/// Interrupted after the tree changed but before the restart (here: during collection), the run
+/// still restarts the registry before it exits, so its cache stops claiming unlinked layers.
+#[test]
+fn an_interrupted_run_that_changed_the_tree_still_restarts_the_registry() {
+    let reg = Registry::start();
+    reg.push("app", "v1", &build_image(Format::Oci, &["intr-gc-one"]));
+    reg.push("app", "v2", &build_image(Format::Oci, &["intr-gc-two"]));
+    let dir = TestDir::new();
+    let (gc_begun, restarted) = (dir.join("gc-begun"), dir.join("restarted"));
+    // A collector that takes long enough to be interrupted, then does the real work.
+    let slow_gc = dir.join("slow-registry");
+    fs::write(
+        &slow_gc,
+        format!(
+            "#!/bin/sh\ntouch '{}'\nsleep 2\nexec '{}' \"$@\"\n",
+            gc_begun.display(),
+            registry_binary().display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&slow_gc)
+        .status()
+        .unwrap();
+    let child = Command::new(assert_cmd::cargo::cargo_bin("docker-delete"))
+        .args(["--no-container", "--registry-dir"])
+        .arg(reg.root())
+        .arg("--config")
+        .arg(reg.config_path())
+        .arg("--registry-bin")
+        .arg(&slow_gc)
+        .arg("--restart-cmd")
+        .arg(format!("touch '{}'", restarted.display()))
+        .args(["-y", "app:v1"])
+        .env_remove("DOCKER_REGISTRY_DIR")
+        .env_remove("DOCKER_REGISTRY_CONTAINER_ID")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !gc_begun.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "GC never began");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        restarted.exists(),
+        "the registry was not restarted:\n{stderr}"
+    );
+    assert!(!stderr.contains("verified"), "{stderr}");
+}
