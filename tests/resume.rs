@@ -66,6 +66,24 @@ fn set_progress(v2: &Path, done_actions: &[&str]) {
     fs::write(journal(v2), out).unwrap();
 }
 
+/// `docker-delete --no-container --registry-dir ROOT --config CFG --no-restart -y ARGS...`:
+/// returns the exit code and stderr.
+fn rerun(reg: &Registry, args: &[&str]) -> (Option<i32>, String) {
+    let out = docker_delete()
+        .args(["--no-container", "--registry-dir"])
+        .arg(reg.root())
+        .arg("--config")
+        .arg(reg.config_path())
+        .args(["--no-restart", "-y"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn only_in(a: &Image, b: &Image) -> BTreeSet<String> {
     a.blob_digests()
         .difference(&b.blob_digests())
@@ -119,16 +137,8 @@ fn ctrl_c_exits_130_keeps_the_journal_and_the_next_run_finishes() {
     }
 
     // The same command again: the tag is gone, the journal finishes the job.
-    let out = docker_delete()
-        .args(["--no-container", "--registry-dir"])
-        .arg(reg.root())
-        .arg("--config")
-        .arg(reg.config_path())
-        .args(["--no-restart", "-y", "app:gone"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    let (code, stderr) = rerun(&reg, &["app:gone"]);
+    assert_eq!(code, Some(0), "stderr:\n{stderr}");
     assert!(
         stderr.contains("an earlier run was interrupted"),
         "stderr:\n{stderr}"
@@ -199,16 +209,8 @@ fn a_journal_never_deletes_what_was_pushed_after_the_interruption() {
     reg.push("victim", "b", &victim);
     reg.pull_verify("victim", "b").expect("pushed again");
 
-    let out = docker_delete()
-        .args(["--no-container", "--registry-dir"])
-        .arg(reg.root())
-        .arg("--config")
-        .arg(reg.config_path())
-        .args(["--no-restart", "-y", "other:1"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    let (code, stderr) = rerun(&reg, &["other:1"]);
+    assert_eq!(code, Some(0), "stderr:\n{stderr}");
     assert!(!journal(&v2).exists());
 
     reg.restart();
@@ -258,16 +260,8 @@ fn journal_finishes_layer_links_after_the_revision_was_removed() {
         assert!(layer_link_path(&v2, "app", d).is_file());
     }
 
-    let out = docker_delete()
-        .args(["--no-container", "--registry-dir"])
-        .arg(reg.root())
-        .arg("--config")
-        .arg(reg.config_path())
-        .args(["--no-restart", "-y", "gc"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    let (code, stderr) = rerun(&reg, &["gc"]);
+    assert_eq!(code, Some(0), "stderr:\n{stderr}");
     for d in &unique {
         assert!(
             !layer_link_path(&v2, "app", d).exists(),
@@ -299,17 +293,8 @@ fn a_tag_pushed_again_after_the_interruption_is_not_deleted_again() {
     reg.push("app", "v2", &img);
 
     for args in [&["other:1"][..], &["gc"][..]] {
-        let out = docker_delete()
-            .args(["--no-container", "--registry-dir"])
-            .arg(reg.root())
-            .arg("--config")
-            .arg(reg.config_path())
-            .args(["--no-restart", "-y"])
-            .args(args)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(0), "{args:?}:\n{stderr}");
+        let (code, stderr) = rerun(&reg, args);
+        assert_eq!(code, Some(0), "{args:?}:\n{stderr}");
         reg.restart();
         reg.pull_verify("app", "v2").unwrap_or_else(|e| {
             panic!("app:v2 pushed again was damaged by {args:?}: {e}\n{stderr}")
