@@ -19,8 +19,9 @@ use common::container::{
 };
 use common::{
     Format, Image, TreeSnapshot, blob_path, blobs_on_disk, build_image, build_layer,
-    build_multi_platform, docker_delete, empty_dirs, layer_link_path, pull_verify, push_image,
-    revision_link_path, skopeo_pull, snapshot, status_blob, status_manifest, tags,
+    build_multi_platform, docker_delete, docker_delete_process, empty_dirs, layer_link_path,
+    pull_verify, push_image, revision_link_path, skopeo_pull, snapshot, status_blob,
+    status_manifest, tags,
 };
 
 macro_rules! require_docker {
@@ -305,15 +306,7 @@ fn discovers_the_registry_with_no_environment_and_deletes() {
     // Neither a stopped registry nor a running non-registry container counts.
     let stopped = RegistryContainer::start(&image, Storage::Inside);
     docker_ok(&["stop", "-t", "10", &stopped.name]);
-    let _sleeper = RegistryContainer::run(
-        &busybox,
-        RunOptions {
-            publish: false,
-            seed: false,
-            wait: false,
-            ..RunOptions::new(Storage::Inside)
-        },
-    );
+    let _sleeper = RegistryContainer::sleeper(&busybox);
     let s = Scene::start(&image, Storage::BindMount);
     let before = s.started_at();
     let tree = tree_of(&s);
@@ -485,11 +478,8 @@ fn sigterm_during_offline_run_starts_the_registry_again() {
     let image = build_registry_image(REGISTRY2_CONFIG);
     let _lock = shared_lock();
     let s = Scene::start(&image, Storage::BindMount);
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("docker-delete"))
+    let mut child = docker_delete_process()
         .args(["--container", &s.reg.name, "--offline", "-y", "app:v1"])
-        .env_remove("DOCKER_REGISTRY_DIR")
-        .env_remove("DOCKER_REGISTRY_CONTAINER_ID")
-        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -856,15 +846,7 @@ fn non_registry_container_is_refused() {
     let image = build_registry_image(REGISTRY2_CONFIG);
     let _lock = shared_lock();
     let s = Scene::start(&image, Storage::BindMount);
-    let sleeper = RegistryContainer::run(
-        &busybox,
-        RunOptions {
-            publish: false,
-            seed: false,
-            wait: false,
-            ..RunOptions::new(Storage::Inside)
-        },
-    );
+    let sleeper = RegistryContainer::sleeper(&busybox);
     let sleeper_started = sleeper.inspect("{{.State.StartedAt}}");
     let tree = tree_of(&s);
     let mut c = docker_delete();

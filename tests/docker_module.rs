@@ -129,15 +129,7 @@ fn non_registry_container_is_refused() {
     let busybox = build_busybox_image();
     let registry = build_registry_image(REGISTRY2_CONFIG);
     let _lock = shared_lock();
-    let sleeper = RegistryContainer::run(
-        &busybox,
-        RunOptions {
-            publish: false,
-            seed: false,
-            wait: false,
-            ..RunOptions::new(Storage::Inside)
-        },
-    );
+    let sleeper = RegistryContainer::sleeper(&busybox);
     // The registry image running something else is not a registry either.
     let impostor = RegistryContainer::run(
         &registry,

@@ -20,15 +20,12 @@ fn journal(v2: &Path) -> std::path::PathBuf {
 fn run_and_interrupt(reg: &Registry, dir: &TestDir, reference: &str) -> std::process::Output {
     let marker = dir.join("restart-begun");
     let restart_cmd = format!("touch '{}'; sleep 2", marker.display());
-    let child = Command::new(assert_cmd::cargo::cargo_bin("docker-delete"))
+    let child = docker_delete_process()
         .args(["--no-container", "--registry-dir"])
         .arg(reg.root())
         .arg("--config")
         .arg(reg.config_path())
         .args(["--restart-cmd", &restart_cmd, "-y", reference])
-        .env_remove("DOCKER_REGISTRY_DIR")
-        .env_remove("DOCKER_REGISTRY_CONTAINER_ID")
-        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -328,7 +325,7 @@ fn an_interrupted_run_that_changed_the_tree_still_restarts_the_registry() {
         .arg(&slow_gc)
         .status()
         .unwrap();
-    let child = Command::new(assert_cmd::cargo::cargo_bin("docker-delete"))
+    let child = docker_delete_process()
         .args(["--no-container", "--registry-dir"])
         .arg(reg.root())
         .arg("--config")
@@ -338,9 +335,6 @@ fn an_interrupted_run_that_changed_the_tree_still_restarts_the_registry() {
         .arg("--restart-cmd")
         .arg(format!("touch '{}'", restarted.display()))
         .args(["-y", "app:v1"])
-        .env_remove("DOCKER_REGISTRY_DIR")
-        .env_remove("DOCKER_REGISTRY_CONTAINER_ID")
-        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -330,6 +330,20 @@ impl RegistryContainer {
         Self::run(image, RunOptions::new(storage))
     }
 
+    /// A running container that is not a registry (its image's command just sleeps), with no
+    /// port, seed or readiness wait.
+    pub fn sleeper(image: &Image) -> Self {
+        Self::run(
+            image,
+            RunOptions {
+                publish: false,
+                seed: false,
+                wait: false,
+                ..RunOptions::new(Storage::Inside)
+            },
+        )
+    }
+
     /// Runs `image` as `opts` says.
     pub fn run(image: &Image, opts: RunOptions) -> Self {
         let name = unique_name("docker-delete-test");

@@ -1316,7 +1316,12 @@ fn copy_tree_filtered(from: &Path, to: &Path, keep_empty_dirs: bool) {
 /// `docker-delete` as built by cargo, with the environment it reads cleared
 /// (`DOCKER_REGISTRY_DIR`, `DOCKER_REGISTRY_CONTAINER_ID`) and `NO_COLOR=1`.
 pub fn docker_delete() -> assert_cmd::Command {
-    let mut cmd = assert_cmd::Command::cargo_bin("docker-delete").expect("docker-delete binary");
+    assert_cmd::Command::from_std(docker_delete_process())
+}
+
+/// [`docker_delete`] as a plain process, for tests that spawn it and send it signals.
+pub fn docker_delete_process() -> Command {
+    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("docker-delete"));
     cmd.env_remove("DOCKER_REGISTRY_DIR")
         .env_remove("DOCKER_REGISTRY_CONTAINER_ID")
         .env("NO_COLOR", "1");
